@@ -1,0 +1,492 @@
+"""Data for distillation and training: local files through `datasets`, target-generated responses,
+the offline teacher cache, and a resumable, DDP-consistent sampler."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import datasets
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from lightning_spec.losses import sparse_teacher_from_logits
+from lightning_spec.models import cache_root, next_token_logits
+
+BUILTIN_PROMPTS = "builtin:prompts"
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+OVERLONG_POLICIES = ("error", "truncate", "drop")
+
+datasets.disable_progress_bars()
+
+
+def builtin_prompts_path() -> Path:
+    return Path(str(resources.files("lightning_spec") / "assets" / "prompts.jsonl"))
+
+
+def read_records(files: Union[str, Sequence[str]]) -> datasets.Dataset:
+    """Load local json/jsonl/parquet/text files as one `datasets.Dataset`; clear errors for bad input."""
+    files = [files] if isinstance(files, (str, Path)) else list(files)
+    if not files:
+        raise ValueError("no data files given")
+    paths = [builtin_prompts_path() if str(f) == BUILTIN_PROMPTS else Path(f).expanduser() for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"data file {p} does not exist")
+        if p.suffix not in _BUILDERS:
+            raise ValueError(f"data file {p}: unsupported extension {p.suffix!r} (use {', '.join(_BUILDERS)})")
+        if p.stat().st_size == 0:
+            raise ValueError(f"data file {p} is empty")
+    builders = {_BUILDERS[p.suffix] for p in paths}
+    if len(builders) != 1:
+        raise ValueError(f"data files mix formats {sorted(builders)}; give one format per split")
+    try:
+        ds = datasets.load_dataset(builders.pop(), data_files=[str(p) for p in paths], split="train")
+    except Exception as err:  # datasets raises a variety of parser errors
+        raise ValueError(f"could not parse data files {[str(p) for p in paths]}: {err}") from err
+    if len(ds) == 0:
+        raise ValueError(f"data files {[str(p) for p in paths]} hold no records")
+    return ds
+
+
+def record_kind(columns: Sequence[str]) -> str:
+    """'messages', 'prompt_response', 'prompt' or 'text', from a dataset's columns."""
+    if "messages" in columns:
+        return "messages"
+    if "prompt" in columns and "response" in columns:
+        return "prompt_response"
+    if "prompt" in columns:
+        return "prompt"
+    if "text" in columns:
+        return "text"
+    raise ValueError(f"records need 'messages', 'prompt'(+'response') or 'text' columns; got {list(columns)}")
+
+
+def _messages(record: Dict[str, Any], kind: str) -> List[Dict[str, str]]:
+    if kind == "messages":
+        return list(record["messages"])
+    msgs = [{"role": "user", "content": record["prompt"]}]
+    if kind == "prompt_response":
+        msgs.append({"role": "assistant", "content": record["response"]})
+    return msgs
+
+
+def prompt_ids(tokenizer, record: Dict[str, Any], kind: str) -> List[int]:
+    """Token ids of the conversation up to (not including) its last assistant turn, ready to generate."""
+    msgs = _messages(record, kind)
+    if msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    if not msgs:
+        raise ValueError("a chat record has no turn before its assistant turn")
+    return _chat_ids(tokenizer, msgs, add_generation_prompt=True)
+
+
+def _chat_ids(tokenizer, msgs, add_generation_prompt: bool) -> List[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; chat records need one")
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def tokenize_record(tokenizer, record: Dict[str, Any], kind: str) -> Dict[str, List[int]]:
+    """``input_ids`` and ``loss_mask`` (1 on tokens the model learns to predict: assistant turns, or all text)."""
+    if kind == "text":
+        ids = tokenizer(record["text"])["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "loss_mask": [0] + [1] * (len(ids) - 1)}
+    msgs = _messages(record, kind)
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ValueError("a chat record has no assistant turn to learn from")
+    ids: List[int] = []
+    mask: List[int] = []
+    for i, msg in enumerate(msgs):
+        if msg["role"] != "assistant":
+            continue
+        before = _chat_ids(tokenizer, msgs[:i], add_generation_prompt=True)
+        through = _chat_ids(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+        if through[: len(before)] != before or before[: len(ids)] != ids:
+            raise ValueError("the chat template does not extend conversations by appending; cannot mask turns")
+        mask += [0] * (len(before) - len(ids)) + [1] * (len(through) - len(before))
+        ids = through
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+def fit_length(example: Dict[str, List[int]], max_length: int, overlong: str) -> Optional[Dict[str, List[int]]]:
+    """Apply the overlong policy; None means drop."""
+    n = len(example["input_ids"])
+    if n <= max_length:
+        return example
+    if overlong == "error":
+        raise ValueError(f"a sample has {n} tokens > max_length={max_length} (set overlong='truncate' or 'drop')")
+    if overlong == "drop":
+        return None
+    return {k: v[:max_length] for k, v in example.items()}
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Identify weights cheaply: config plus a float64 checksum of every parameter."""
+    with torch.no_grad():
+        sums = [round(p.double().sum().item(), 6) for p in model.parameters()]
+    return _fingerprint(model.config.to_dict() if hasattr(model, "config") else None, sums)
+
+
+@torch.no_grad()
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    batch_size: int = 32,
+    seed: int = 0,
+    desc: str = "generating",
+) -> List[List[int]]:
+    """Sample a response for each prompt with the target (batched, left-padded, KV cache); EOS kept."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: List[Optional[List[int]]] = [None] * len(prompts)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for b, start in enumerate(tqdm(range(0, len(order), batch_size), desc=desc, unit="batch")):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            attn[r, width - len(prompts[i]) :] = 1
+        torch.manual_seed(seed * 100_003 + b)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
+            pad_token_id=pad, eos_token_id=eos, top_k=None, **sampling,
+        )[:, width:].tolist()
+        for r, i in enumerate(idx):
+            resp = gen[r]
+            out[i] = resp[: resp.index(eos) + 1] if eos in resp else resp
+    model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def teacher_topk(model, examples: datasets.Dataset, k: int, temperature: float, batch_size: int, pad_id: int):
+    """The target's top-k log-probs at every loss position (position t predicts token t+1), per example."""
+    device = next(model.parameters()).device
+    indices, logprobs = [], []
+    for start in tqdm(range(0, len(examples), batch_size), desc="teacher top-k", unit="batch"):
+        rows = examples[start : start + batch_size]
+        batch = collate_tokens([{"input_ids": i, "loss_mask": m} for i, m in zip(rows["input_ids"], rows["loss_mask"])], pad_id)
+        select = (batch["loss_mask"][:, 1:] & batch["attention_mask"][:, 1:].bool()).to(device)
+        logits = next_token_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), select)
+        sparse = sparse_teacher_from_logits(logits, k, temperature)
+        counts = select.sum(-1).tolist()
+        indices += [t.int().tolist() for t in sparse.indices.cpu().split(counts)]
+        logprobs += [t.tolist() for t in sparse.logprobs.cpu().split(counts)]
+    return indices, logprobs
+
+
+def collate_tokens(rows: List[Dict[str, Any]], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad ``input_ids``/``loss_mask`` (and left-pad each row's prompt for on-policy sampling);
+    stack offline-teacher top-k of all loss positions into [N, k]."""
+    width = max(len(r["input_ids"]) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, width), dtype=torch.long)
+    loss_mask = torch.zeros((B, width), dtype=torch.bool)
+    prompt_lens = [r["loss_mask"].index(1) if 1 in r["loss_mask"] else len(r["loss_mask"]) for r in rows]
+    pwidth = max(prompt_lens)
+    prompt = torch.full((B, pwidth), pad_id, dtype=torch.long)
+    prompt_attn = torch.zeros((B, pwidth), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        attn[i, :n] = 1
+        loss_mask[i, :n] = torch.tensor(r["loss_mask"], dtype=torch.bool)
+        p = prompt_lens[i]
+        prompt[i, pwidth - p :] = ids[i, :p]
+        prompt_attn[i, pwidth - p :] = 1
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "prompt_ids": prompt, "prompt_mask": prompt_attn}
+    if "teacher_indices" in rows[0]:
+        # Row-major over the loss positions: the order of ``logits[:, :-1][loss_mask[:, 1:]]``.
+        batch["teacher_indices"] = torch.cat([torch.tensor(r["teacher_indices"], dtype=torch.long) for r in rows])
+        batch["teacher_logprobs"] = torch.cat([torch.tensor(r["teacher_logprobs"], dtype=torch.float32) for r in rows])
+    return batch
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded per-epoch shuffle, sharded so that global batch g is the same samples in any world size
+    (rank r takes its slice of g), and able to skip the batches a resumed run already consumed.
+
+    Being a ``DistributedSampler``, Lightning leaves it in place under DDP.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.global_batch = batch_size * num_replicas
+        self.num_batches = num_samples // self.global_batch
+        if self.num_batches == 0:
+            raise ValueError(f"{num_samples} samples cannot fill one global batch of {self.global_batch}")
+        self._skip: Dict[int, int] = {}
+        self._resume: Optional[Tuple[int, int]] = None
+        self.epoch_offset = 0  # data epoch minus ``epoch``: nonzero after a resume the trainer numbers differently
+        self.counter: Optional[Callable[[], int]] = None  # the trainer's count of consumed batches
+        self._pass = (0, 0, 0)  # the current pass: data epoch, first global batch, ``counter()`` at its start
+
+    def skip(self, epoch: int, batches: int) -> None:
+        """On the next pass through ``epoch``, skip the first ``batches`` batches."""
+        self._skip = {epoch: batches}
+
+    def resume(self, data_epoch: int, batches: int) -> None:
+        """Make the next pass, whatever epoch it is set to, continue ``data_epoch`` at batch ``batches`` (and the
+        passes after it the data epochs after it): a restarted Lightning run may number its epochs otherwise."""
+        self._resume = (data_epoch, batches)
+
+    def position(self) -> Tuple[int, int]:
+        """(data epoch, its global batches consumed so far), counting consumed batches with ``counter``."""
+        if self._resume is not None:
+            return self._resume
+        epoch, first, start = self._pass
+        return epoch, first + (self.counter() if self.counter else 0) - start
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        at_start = self.counter() if self.counter else 0
+        if self._resume is not None:
+            data_epoch, first = self._resume
+            if first >= self.num_batches and at_start == 0:  # a finished epoch, and the trainer starts a fresh one
+                data_epoch, first = data_epoch + 1, 0
+            # else a trainer that counts the epoch's batches as consumed gets an empty pass, then the next epoch
+            self.epoch_offset, self._resume = data_epoch - self.epoch, None
+        else:
+            first = self._skip.pop(self.epoch, 0)
+        epoch = self.epoch + self.epoch_offset
+        self._pass = (epoch, first, at_start)
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        for b in range(first, self.num_batches):
+            start = b * self.global_batch + self.rank * self.batch_size
+            yield from order[start : start + self.batch_size]
+
+
+class DistillDataModule(LightningDataModule):
+    """Token batches for draft distillation (and for plain LM training).
+
+    ``source="target"`` samples responses to the prompts with the target (cached on disk as an Arrow
+    dataset, reused next run); ``source="fixed"`` trains on the files' own responses or text.
+    ``teacher_topk=k`` precomputes the target's top-k log-probs for the training split (offline
+    teacher): training then never runs the target. The target and tokenizer come from the module being
+    trained (its ``target`` and ``tokenizer``) unless given here.
+
+    Example::
+
+        dm = DistillDataModule(train_files=["prompts.jsonl"], source="target", batch_size=8)
+        trainer.fit(DraftDistillationModule(target="smollm2-135m-instruct"), datamodule=dm)
+    """
+
+    def __init__(
+        self,
+        train_files: Union[str, List[str]] = BUILTIN_PROMPTS,
+        val_files: Optional[Union[str, List[str]]] = None,
+        val_size: int = 40,
+        source: str = "target",
+        max_length: int = 512,
+        overlong: str = "error",
+        max_new_tokens: int = 128,
+        gen_temperature: float = 0.7,
+        gen_top_p: float = 0.95,
+        gen_batch_size: int = 32,
+        teacher_topk: Optional[int] = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: Optional[str] = None,
+        tokenizer: Any = None,
+        target: Any = None,
+    ):
+        super().__init__()
+        if source not in ("target", "fixed"):
+            raise ValueError(f"source must be 'target' or 'fixed', got {source!r}")
+        if overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+        for name, value in (("batch_size", batch_size), ("max_length", max_length), ("max_new_tokens", max_new_tokens), ("gen_batch_size", gen_batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if teacher_topk is not None and teacher_topk < 1:
+            raise ValueError(f"teacher_topk must be >= 1 or None, got {teacher_topk}")
+        if val_files is None and val_size < 1:
+            raise ValueError("without val_files, val_size must hold out at least 1 record")
+        self.save_hyperparameters(ignore=["tokenizer", "target"])
+        self.train_files, self.val_files = train_files, val_files
+        self.val_size, self.source = val_size, source
+        self.max_length, self.overlong = max_length, overlong
+        self.gen = dict(max_new_tokens=max_new_tokens, temperature=gen_temperature, top_p=gen_top_p, batch_size=gen_batch_size)
+        self.teacher_topk = teacher_topk
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "data"
+        self._tokenizer, self._target = tokenizer, target
+        self.splits: Dict[str, datasets.Dataset] = {}
+        self.stats: Dict[str, float] = {}
+        self._resume: Optional[Dict[str, int]] = None
+        self._sampler: Optional[ResumableSampler] = None
+
+    # -- the target and tokenizer: given here or taken from the module being trained -------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None and self.trainer is not None:
+            self._tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
+        if isinstance(self._tokenizer, str):
+            from lightning_spec.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self._tokenizer)
+        if self._tokenizer is None:
+            raise ValueError("DistillDataModule needs a tokenizer: pass tokenizer= or train a module that has one")
+        return self._tokenizer
+
+    @property
+    def target(self):
+        if self._target is None and self.trainer is not None:
+            self._target = getattr(self.trainer.lightning_module, "target", None)
+        if self._target is None:
+            raise ValueError("this data needs the target model: pass target= or train a module that has one")
+        return self._target
+
+    # -- building the splits ----------------------------------------------------------------------------
+    def _raw_splits(self) -> Dict[str, datasets.Dataset]:
+        train = read_records(self.train_files)
+        if self.val_files is not None:
+            return {"train": train, "val": read_records(self.val_files)}
+        if len(train) <= self.val_size:
+            raise ValueError(f"{len(train)} training records cannot spare val_size={self.val_size} for validation")
+        parts = train.train_test_split(test_size=self.val_size, seed=self.seed, shuffle=True)
+        return {"train": parts["train"], "val": parts["test"]}
+
+    def _split_path(self, name: str, raw: datasets.Dataset) -> Path:
+        key = _fingerprint(
+            raw._fingerprint, self.source, self.max_length, self.overlong, self.seed, name,
+            self.gen if self.source == "target" else None,
+            model_fingerprint(self.target) if self.source == "target" else None,
+            self.tokenizer.name_or_path, len(self.tokenizer),
+        )
+        return self.cache_dir / f"{name}-{key}"
+
+    def _build_split(self, name: str, raw: datasets.Dataset) -> datasets.Dataset:
+        kind = record_kind(raw.column_names)
+        tok = self.tokenizer
+        if self.source == "target":
+            if kind == "text":
+                raise ValueError("source='target' needs prompts (a 'prompt' or 'messages' column), not raw text")
+            prompts = [prompt_ids(tok, r, kind) for r in raw]
+            too_long = sum(len(p) + 1 > self.max_length for p in prompts)
+            if too_long and self.overlong == "error":
+                raise ValueError(f"{too_long} prompts of {name} are longer than max_length={self.max_length}")
+            prompts = [p for p in prompts if len(p) + 1 <= self.max_length]
+            target = self.target
+            device = self.trainer.strategy.root_device if self.trainer is not None else next(target.parameters()).device
+            home = next(target.parameters()).device
+            responses = generate_responses(target.to(device), tok, prompts, seed=self.seed + (name == "val"), desc=f"target generates {name}", **self.gen)
+            target.to(home)
+            examples = [{"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r)} for p, r in zip(prompts, responses) if r]
+        else:
+            if kind == "prompt":
+                raise ValueError("source='fixed' needs responses or text; prompts alone need source='target'")
+            examples = [tokenize_record(tok, r, kind) for r in raw]
+        fitted = [fit_length(e, self.max_length, self.overlong) for e in examples]
+        kept = [e for e in fitted if e is not None and any(e["loss_mask"][1:])]
+        self.stats[f"{name}_dropped"] = len(raw) - len(kept)  # also overlong prompts and empty responses (source='target')
+        if not kept:
+            raise ValueError(f"the {name} split has no sample with tokens to learn from")
+        return datasets.Dataset.from_list(kept)
+
+    @property
+    def _temperature(self) -> float:
+        """The distillation temperature of the module being trained: the teacher cache is made at it."""
+        return float(getattr(self.trainer.lightning_module, "temperature", 1.0)) if self.trainer is not None else 1.0
+
+    def _teacher_path(self, split_path: Path) -> Path:
+        key = _fingerprint(self.teacher_topk, self._temperature, model_fingerprint(self.target))
+        return split_path.with_name(f"{split_path.name}-teacher-{key}")
+
+    def _add_teacher(self, ds: datasets.Dataset) -> datasets.Dataset:
+        idx, lp = teacher_topk(self.target.eval(), ds, self.teacher_topk, self._temperature, self.batch_size, self.tokenizer.pad_token_id)
+        return ds.add_column("teacher_indices", idx).add_column("teacher_logprobs", lp)
+
+    def prepare_data(self) -> None:
+        """Build (or find cached) tokenized splits, generated responses and teacher top-k on disk."""
+        for name, raw in self._raw_splits().items():
+            path = self._split_path(name, raw)
+            if not path.is_dir():
+                self._build_split(name, raw).save_to_disk(str(path))
+            if name == "train" and self.teacher_topk:
+                tpath = self._teacher_path(path)
+                if not tpath.is_dir():
+                    self._add_teacher(datasets.load_from_disk(str(path))).save_to_disk(str(tpath))
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:
+            return
+        for name, raw in self._raw_splits().items():
+            path = self._split_path(name, raw)
+            if name == "train" and self.teacher_topk:
+                path = self._teacher_path(path)
+            if not path.is_dir():
+                self.prepare_data()
+            self.splits[name] = datasets.load_from_disk(str(path))
+        train = self.splits["train"]
+        tokens = sum(sum(m) for m in train["loss_mask"])
+        self.stats.update(train_samples=len(train), train_tokens=tokens, val_samples=len(self.splits["val"]))
+        if self.teacher_topk:
+            self.stats["teacher_bytes_per_token"] = self.teacher_topk * (4 + 4)  # int32 id + float32 log-prob
+        rank_zero_info(f"data: {self.stats}")
+
+    # -- loaders ----------------------------------------------------------------------------------------
+    def _loader(self, ds: datasets.Dataset, sampler=None) -> DataLoader:
+        pad = self.tokenizer.pad_token_id
+        return DataLoader(
+            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=lambda rows: collate_tokens(rows, pad),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        self._sampler = ResumableSampler(len(self.splits["train"]), self.batch_size, num_replicas=world, rank=rank, seed=self.seed)
+        if self.trainer is not None:
+            self._sampler.counter = lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if self._resume is not None:
+            self._sampler.resume(self._resume["epoch"], self._resume["batches"])
+            self._resume = None
+        return self._loader(self.splits["train"], self._sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["val"])
+
+    def state_dict(self) -> Dict[str, int]:
+        """Where the training data order stands, so a resumed run sees the same batches next."""
+        if self.trainer is None or self._sampler is None:
+            return {}
+        # The data position, not Lightning's epoch/batch counters: a run stopped by max_steps has already counted
+        # its unfinished epoch, and an epoch-end save would otherwise skip the whole next epoch.
+        epoch, batches = self._sampler.position()
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if state:
+            self._resume = dict(state)

@@ -1,0 +1,218 @@
+"""DraftDistillationModule: white-box distillation of a speculative-decoding draft toward a frozen target."""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Dict, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from lightning_spec.losses import SparseTeacher, check_loss_name, distill_loss, fidelity_sums
+from lightning_spec.models import (
+    build_draft, check_vocab_compatible, load_causal_lm, next_token_logits, position_ids_for, resolve_source,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _default_optimizer(params):
+    return torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+
+
+def _import_if_path(factory):
+    """LightningCLI (jsonargparse) hands a function default, or a function named in YAML, over as its import path."""
+    if not isinstance(factory, str):
+        return factory
+    module, _, name = factory.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def expected_tokens_per_call(alpha: float, gamma: int) -> float:
+    """τ = (1 - α^(γ+1)) / (1 - α): expected tokens per target call with i.i.d. acceptance α."""
+    return float(gamma + 1) if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+class DraftDistillationModule(LightningModule):
+    """Distill ``draft`` toward a frozen ``target`` with a DistillSpec divergence.
+
+    The target runs in eval mode under no_grad, optionally in its own dtype, and is kept out of the
+    module's state dict: checkpoints hold the draft (and optimizer) only. With an offline teacher in the
+    batch (``teacher_indices``/``teacher_logprobs`` from ``DistillDataModule(teacher_topk=k)``) the target
+    is not run at all. ``on_policy_fraction`` of the training steps replace the data's responses by
+    continuations sampled from the current draft, scored by the target (DistillSpec's λ).
+
+    Args:
+        target: a model, or a source for ``load_causal_lm`` (embedded name, GGUF file, HF directory).
+        draft: a model, an HF directory of a draft, or ``build_draft`` arguments (default ``{"num_layers": 4}``).
+        loss: one of ``fkl``, ``rkl``, ``jsd``, ``tvd``, ``nla`` (-log α), ``hybrid`` (KL/TV), ``ce``.
+        temperature: softmax temperature of both distributions in the loss.
+        jsd_beta: β of JSD[β].
+        target_dtype: ``"bfloat16"`` etc. to run the teacher in another precision than the draft.
+        train_embeddings: also train the (tied) embeddings and head; off keeps the target's vocabulary map.
+
+    Example::
+
+        module = DraftDistillationModule(target="smollm2-135m-instruct", draft={"layers": [0, 1, 2, 3]}, loss="fkl")
+        Trainer(max_steps=300).fit(module, datamodule=DistillDataModule(teacher_topk=64))
+    """
+
+    def __init__(
+        self,
+        target: Union[str, nn.Module] = "smollm2-135m-instruct",
+        draft: Union[str, Dict[str, Any], nn.Module, None] = None,
+        loss: str = "fkl",
+        temperature: float = 1.0,
+        jsd_beta: float = 0.5,
+        target_dtype: Optional[str] = None,
+        train_embeddings: bool = False,
+        on_policy_fraction: float = 0.0,
+        on_policy_max_new_tokens: int = 64,
+        on_policy_temperature: float = 1.0,
+        seed: int = 0,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        tokenizer: Any = None,
+    ):
+        super().__init__()
+        check_loss_name(loss)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < jsd_beta < 1:
+            raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+        if not 0 <= on_policy_fraction <= 1:
+            raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
+        if target_dtype is not None and target_dtype not in _DTYPES:
+            raise ValueError(f"target_dtype must be one of {list(_DTYPES)}, got {target_dtype!r}")
+        self.save_hyperparameters(ignore=["target", "draft", "optimizer", "lr_scheduler", "tokenizer"])
+        if isinstance(target, (str,)) or hasattr(target, "__fspath__"):
+            target, loaded_tokenizer = load_causal_lm(target)
+            tokenizer = tokenizer or loaded_tokenizer
+        if isinstance(draft, (str,)) or hasattr(draft, "__fspath__"):
+            # the model only: a draft directory need not hold a tokenizer (the target's is used)
+            draft = AutoModelForCausalLM.from_pretrained(resolve_source(draft), dtype=torch.float32)
+        elif draft is None or isinstance(draft, dict):
+            draft = build_draft(target, **(draft or {"num_layers": 4}))
+        check_vocab_compatible(draft, target)
+        if target_dtype is not None:
+            target.to(_DTYPES[target_dtype])
+        target.eval().requires_grad_(False)
+        # Not a registered submodule: kept out of state_dict, checkpoints, DDP wrapping and .train().
+        object.__setattr__(self, "target", target)
+        self.draft = draft.train()
+        self.draft.get_input_embeddings().requires_grad_(train_embeddings)
+        self.draft.get_output_embeddings().requires_grad_(train_embeddings)
+        self.tokenizer = tokenizer
+        self.loss_name, self.temperature, self.jsd_beta = loss, float(temperature), jsd_beta
+        self.optimizer_factory, self.scheduler_factory = _import_if_path(optimizer), _import_if_path(lr_scheduler)
+        self._val_sums: Optional[torch.Tensor] = None
+
+    # -- forward passes ---------------------------------------------------------------------------------
+    def _target_logits(self, ids, attn, select) -> torch.Tensor:
+        target = self.target
+        if next(target.parameters()).device != ids.device:
+            target.to(ids.device)
+        with torch.no_grad():
+            return next_token_logits(target, ids, attn, select).float()
+
+    def _teacher(self, batch, ids, attn, select):
+        if "teacher_indices" in batch:
+            return SparseTeacher(batch["teacher_indices"], batch["teacher_logprobs"])
+        return self._target_logits(ids, attn, select)
+
+    def _on_policy_step(self) -> bool:
+        fraction = self.hparams.on_policy_fraction
+        if fraction <= 0:
+            return False
+        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        return bool(torch.rand((), generator=g) < fraction)
+
+    @torch.no_grad()
+    def _sample_from_draft(self, batch):
+        """Replace the responses by continuations of the prompts sampled from the current draft."""
+        prompt, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        tok = self.tokenizer
+        out = self.draft.generate(
+            input_ids=prompt, attention_mask=prompt_mask, do_sample=True, top_k=None, top_p=1.0,
+            temperature=self.hparams.on_policy_temperature, max_new_tokens=self.hparams.on_policy_max_new_tokens,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )
+        response = out[:, prompt.shape[1]:]
+        # keep each response through its first EOS
+        after_eos = (response == tok.eos_token_id).long().cumsum(-1) - (response == tok.eos_token_id).long()
+        response_mask = after_eos == 0
+        ids = torch.cat([prompt, response], 1)
+        attn = torch.cat([prompt_mask.bool(), response_mask], 1).long()
+        loss_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), response_mask], 1)
+        return ids, attn, loss_mask
+
+    def _normalizer(self, count: torch.Tensor) -> torch.Tensor:
+        """Loss positions per rank, averaged over the global batch: DDP's gradient mean then equals one
+        process's token mean over the same global batch, however unevenly ranks' tokens fall."""
+        total = self.trainer.strategy.reduce(count.float(), reduce_op="sum")
+        return (total / self.trainer.world_size).clamp_min(1.0)
+
+    def _batch_sums(self, batch, on_policy: bool = False):
+        """Loss, α and agreement summed over the batch's loss positions, and their count."""
+        if on_policy:
+            ids, attn, loss_mask = self._sample_from_draft(batch)
+            batch = {k: v for k, v in batch.items() if not k.startswith("teacher_")}
+        else:
+            ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        select = loss_mask[:, 1:] & attn[:, 1:].bool()
+        draft_logits = next_token_logits(self.draft, ids, attn, select)
+        teacher = self._teacher(batch, ids, attn, select)
+        loss = distill_loss(
+            draft_logits, teacher, self.loss_name, labels=ids[:, 1:][select], temperature=self.temperature,
+            jsd_beta=self.jsd_beta, reduction="sum",
+        )
+        return (loss, *fidelity_sums(draft_logits.detach(), teacher))
+
+    # -- Lightning hooks --------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        loss_sum, alpha, agree, n = self._batch_sums(batch, on_policy=self._on_policy_step())
+        loss = loss_sum / self._normalizer(n)
+        n = n.clamp_min(1)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train/alpha", alpha / n, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train/agreement", agree / n, batch_size=size, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_start(self):
+        self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        self._val_sums += torch.stack([s.detach().double() for s in self._batch_sums(batch)])
+
+    def on_validation_epoch_end(self):
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        n = sums[3].clamp_min(1)
+        self.log_dict({"val/loss": sums[0] / n, "val/alpha": sums[1] / n, "val/agreement": sums[2] / n}, prog_bar=True)
+
+    @torch.no_grad()
+    def measure(self, dataloader, gamma: int = 4) -> Dict[str, float]:
+        """α (mean Σ min(p, q) against the live target), greedy agreement and τ at ``gamma`` over a loader."""
+        was_training = self.draft.training
+        self.draft.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for batch in dataloader:
+            batch = {k: v.to(self.device) for k, v in batch.items() if not k.startswith("teacher_")}
+            ids, attn = batch["input_ids"], batch["attention_mask"]
+            select = batch["loss_mask"][:, 1:] & attn[:, 1:].bool()
+            draft_logits = next_token_logits(self.draft, ids, attn, select).float()
+            sums += torch.stack([s.double().cpu() for s in fidelity_sums(draft_logits, self._target_logits(ids, attn, select))])
+        self.draft.train(was_training)
+        alpha = (sums[0] / sums[2].clamp_min(1)).item()
+        return {"alpha": alpha, "agreement": (sums[1] / sums[2].clamp_min(1)).item(), "tau": expected_tokens_per_call(alpha, gamma), "tokens": int(sums[2])}
+
+    def configure_optimizers(self):
+        params = [p for p in self.draft.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
