@@ -239,15 +239,10 @@ class ResumableSampler(DistributedSampler):
         self.num_batches = num_samples // self.global_batch
         if self.num_batches == 0:
             raise ValueError(f"{num_samples} samples cannot fill one global batch of {self.global_batch}")
-        self._skip: Dict[int, int] = {}
         self._resume: Optional[Tuple[int, int]] = None
         self.epoch_offset = 0  # data epoch minus ``epoch``: nonzero after a resume the trainer numbers differently
         self.counter: Optional[Callable[[], int]] = None  # the trainer's count of consumed batches
         self._pass = (0, 0, 0)  # the current pass: data epoch, first global batch, ``counter()`` at its start
-
-    def skip(self, epoch: int, batches: int) -> None:
-        """On the next pass through ``epoch``, skip the first ``batches`` batches."""
-        self._skip = {epoch: batches}
 
     def resume(self, data_epoch: int, batches: int) -> None:
         """Make the next pass, whatever epoch it is set to, continue ``data_epoch`` at batch ``batches`` (and the
@@ -273,7 +268,7 @@ class ResumableSampler(DistributedSampler):
             # else a trainer that counts the epoch's batches as consumed gets an empty pass, then the next epoch
             self.epoch_offset, self._resume = data_epoch - self.epoch, None
         else:
-            first = self._skip.pop(self.epoch, 0)
+            first = 0  # a fresh pass
         epoch = self.epoch + self.epoch_offset
         self._pass = (epoch, first, at_start)
         n = len(self.dataset)

@@ -169,15 +169,6 @@ def test_sampler_epochs_reshuffle():
     assert batches(sampler, 0) == batches(ResumableSampler(40, 4, seed=0), 0)
 
 
-def test_sampler_skip_applies_once_to_its_epoch():
-    sampler = ResumableSampler(40, 4, seed=0)
-    full = batches(sampler, 2)
-    sampler.skip(epoch=2, batches=3)
-    assert batches(sampler, 1) == batches(ResumableSampler(40, 4, seed=0), 1)  # another epoch is untouched
-    assert batches(sampler, 2) == full[3:]
-    assert batches(sampler, 2) == full
-
-
 @pytest.mark.parametrize("epoch", [1, 3])
 def test_sampler_resume_continues_a_data_epoch_under_any_epoch_number(epoch):
     full = [batches(ResumableSampler(40, 4, seed=0), e) for e in (2, 3)]
