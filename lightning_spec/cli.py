@@ -15,7 +15,8 @@ from lightning.pytorch.cli import LightningCLI
 import lightning_spec  # noqa: F401  (registers short class names for YAML)
 
 
-def main(args: Optional[List[str]] = None, run: bool = True) -> LightningCLI:
+def build_cli(args: Optional[List[str]] = None, run: bool = True) -> LightningCLI:
+    """The LightningCLI over any module/datamodule; ``run=False`` only instantiates (for tests and tools)."""
     return LightningCLI(
         LightningModule,
         LightningDataModule,
@@ -26,6 +27,11 @@ def main(args: Optional[List[str]] = None, run: bool = True) -> LightningCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def main() -> None:
+    """Console entry point: returns nothing, so the process exits 0 on success."""
+    build_cli()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -13,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_spec.losses import SparseTeacher, check_loss_name, distill_loss, fidelity_sums
 from lightning_spec.models import (
-    build_draft, check_vocab_compatible, load_causal_lm, next_token_logits, position_ids_for, resolve_source,
+    build_draft, check_vocab_compatible, load_causal_lm, next_token_logits, resolve_source,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import qa_records
 from lightning_spec import DistillDataModule, DraftDistillationModule
-from lightning_spec.cli import main
+from lightning_spec.cli import build_cli
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -16,7 +16,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yam
 @pytest.mark.parametrize("config", EXAMPLES, ids=lambda p: p.name)
 def test_example_instantiates(tmp_path, monkeypatch, config):
     monkeypatch.chdir(tmp_path)  # the examples write under artifacts/
-    cli = main(["--config", str(config)], run=False)  # no subcommand when run=False
+    cli = build_cli(["--config", str(config)], run=False)  # no subcommand when run=False
     assert isinstance(cli.model, DraftDistillationModule) and isinstance(cli.datamodule, DistillDataModule)
     assert cli.model.tokenizer is not None
 
@@ -35,7 +35,7 @@ def test_unknown_key_is_named(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(path)])
+        build_cli(["fit", "--config", str(path)])
     assert exit_info.value.code != 0
     assert "lossx" in capsys.readouterr().err
 
@@ -64,6 +64,9 @@ def test_fit_a_tiny_draft_and_export(tmp_path, monkeypatch, tiny_dir, write_json
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = main(["fit", "--config", str(path)])
+    cli = build_cli(["fit", "--config", str(path)])
     assert cli.trainer.global_step == 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").config.num_hidden_layers == 1
+    # the console entry point exits 0 after a successful fit (the returned CLI object must not become the status)
+    done = subprocess.run([str(Path(sys.executable).with_name("lightning-spec")), "fit", "--config", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
