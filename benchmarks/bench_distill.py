@@ -95,7 +95,7 @@ def main():
     target, tokenizer = load_causal_lm(args.target)
     target.eval().requires_grad_(False)
     with tempfile.TemporaryDirectory() as tmp:
-        data = synthetic_chat_file(Path(tmp) / "chat.jsonl")
+        data = synthetic_chat_file(Path(tmp) / "chat.jsonl", n=args.steps * args.batch_size + 1)
 
         def datamodule(topk):
             dm = DistillDataModule(train_files=data, source="fixed", val_size=1, batch_size=args.batch_size,

@@ -155,8 +155,9 @@ class DraftDistillationModule(LightningModule):
         total = self.trainer.strategy.reduce(count.float(), reduce_op="sum")
         return (total / self.trainer.world_size).clamp_min(1.0)
 
-    def _batch_sums(self, batch, on_policy: bool = False):
-        """Loss, α and agreement summed over the batch's loss positions, and their count."""
+    def _batch_sums(self, batch, on_policy: bool = False, fidelity: bool = True):
+        """Loss summed over the batch's loss positions and their count, and (if ``fidelity``) the sums of α and
+        greedy agreement there."""
         if on_policy:
             ids, attn, loss_mask = self._sample_from_draft(batch)
             batch = {k: v for k, v in batch.items() if not k.startswith("teacher_")}
@@ -169,24 +170,32 @@ class DraftDistillationModule(LightningModule):
             draft_logits, teacher, self.loss_name, labels=ids[:, 1:][select], temperature=self.temperature,
             jsd_beta=self.jsd_beta, reduction="sum",
         )
-        return (loss, *fidelity_sums(draft_logits.detach(), teacher))
+        count = select.sum()
+        if not fidelity:
+            return loss, count, None
+        alpha, agree, _ = fidelity_sums(draft_logits.detach(), teacher)
+        return loss, count, (alpha, agree)
 
     # -- Lightning hooks --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        loss_sum, alpha, agree, n = self._batch_sums(batch, on_policy=self._on_policy_step())
+        # α and agreement cost two passes over [tokens, V]: only on the steps the logger writes
+        logging = self.trainer._logger_connector.should_update_logs
+        loss_sum, n, fidelity = self._batch_sums(batch, on_policy=self._on_policy_step(), fidelity=logging)
         loss = loss_sum / self._normalizer(n)
-        n = n.clamp_min(1)
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
-        self.log("train/alpha", alpha / n, prog_bar=True, batch_size=size, sync_dist=True)
-        self.log("train/agreement", agree / n, batch_size=size, sync_dist=True)
+        if fidelity is not None:
+            alpha, agree = fidelity
+            self.log("train/alpha", alpha / n.clamp_min(1), prog_bar=True, batch_size=size, sync_dist=True)
+            self.log("train/agreement", agree / n.clamp_min(1), batch_size=size, sync_dist=True)
         return loss
 
     def on_validation_epoch_start(self):
         self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch, batch_idx):
-        self._val_sums += torch.stack([s.detach().double() for s in self._batch_sums(batch)])
+        loss, n, (alpha, agree) = self._batch_sums(batch)
+        self._val_sums += torch.stack([loss.detach(), alpha, agree, n]).double()
 
     def on_validation_epoch_end(self):
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
