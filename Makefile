@@ -8,7 +8,7 @@ export LIGHTNING_SPEC_CACHE ?= $(CURDIR)/.cache/lightning_spec
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q torch==2.13.0
@@ -28,4 +28,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_distill.py
 
 clean:
-	rm -rf $(VENV) artifacts .cache build *.egg-info
+	rm -rf $(VENV) artifacts .cache build *.egg-info lightning_spec/_C*.so

@@ -1,0 +1,23 @@
+// The one registration file of the lightning_spec._C extension: op schemas, device kernels, Python module.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "verify.h"
+
+// Importing lightning_spec._C runs the static registrations below; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(lightning_spec, m) {
+  m.def(
+      "verify_tree(Tensor candidates, Tensor parents, Tensor target_probs, Tensor? draft_probs, Tensor? uniforms, "
+      "bool greedy) -> (Tensor accepted, Tensor num_accepted, Tensor next_token)");
+}
+
+TORCH_LIBRARY_IMPL(lightning_spec, CPU, m) { m.impl("verify_tree", &lightning_spec::verify_tree_cpu); }
+
+#ifdef LIGHTNING_SPEC_WITH_CUDA
+TORCH_LIBRARY_IMPL(lightning_spec, CUDA, m) { m.impl("verify_tree", &lightning_spec::verify_tree_cuda); }
+#endif

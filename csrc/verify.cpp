@@ -1,0 +1,76 @@
+// CPU kernel of lightning_spec::verify_tree: one batch row per OpenMP iteration, each running verify_walk.h.
+#include "verify.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "verify_checks.h"
+#include "verify_walk.h"
+
+namespace lightning_spec {
+
+// One pass per row: finite, non-negative, summing to 1 within 1e-3 (see verify_checks.h).
+template <typename T>
+static void check_probability_rows(const T* probs, int64_t rows, int64_t V, const char* name) {
+  int64_t first_bad_value = rows, first_bad_sum = rows;
+#pragma omp parallel for reduction(min : first_bad_value, first_bad_sum)
+  for (int64_t row = 0; row < rows; ++row) {
+    bool values_ok = true;
+    double total = 0.0;
+    for (int64_t i = 0; i < V; ++i) {
+      const double v = static_cast<double>(probs[row * V + i]);
+      values_ok &= std::isfinite(v) && v >= 0.0;
+      total += v;
+    }
+    if (!values_ok)
+      first_bad_value = std::min(first_bad_value, row);
+    else if (std::abs(total - 1.0) > 1e-3)
+      first_bad_sum = std::min(first_bad_sum, row);
+  }
+  TORCH_CHECK(first_bad_value == rows, "verify_tree: ", name, " has non-finite or negative values (flat row ",
+              first_bad_value, ")");
+  TORCH_CHECK(first_bad_sum == rows, "verify_tree: ", name, " rows must sum to 1 (within 1e-3); flat row ",
+              first_bad_sum, " does not");
+}
+
+template <typename T>
+static void verify_rows_cpu(const int64_t* candidates, const int64_t* parents, const T* target, const T* draft,
+                            int64_t draft_rows, const double* uniforms, int64_t B, int64_t N, int64_t V, bool greedy,
+                            int64_t* accepted, int64_t* num_accepted, int64_t* next_token) {
+#pragma omp parallel
+  {
+    std::vector<double> scratch(greedy ? 0 : V);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      verify_tree_row(candidates + b * N, parents + b * N, target + b * N * V, draft ? draft + b * draft_rows * V : draft,
+                      uniforms ? uniforms + b * (N + 1) : uniforms, N, V, greedy, scratch.data(), accepted + b * N,
+                      num_accepted + b, next_token + b);
+    }
+  }
+}
+
+VerifyTreeResult verify_tree_cpu(const at::Tensor& candidates, const at::Tensor& parents,
+                                 const at::Tensor& target_probs, const std::optional<at::Tensor>& draft_probs,
+                                 const std::optional<at::Tensor>& uniforms, bool greedy) {
+  check_verify_tree_args(candidates, parents, target_probs, draft_probs, uniforms, greedy);
+  const int64_t B = target_probs.size(0), N = target_probs.size(1), V = target_probs.size(2);
+  const auto cand = candidates.contiguous(), par = parents.contiguous(), target = widened(target_probs);
+  const auto draft = draft_probs ? std::optional<at::Tensor>(widened(*draft_probs)) : std::nullopt;
+  const auto unif = uniforms && !greedy ? std::optional<at::Tensor>(uniforms->contiguous()) : std::nullopt;
+  auto accepted = at::empty({B, N}, candidates.options());
+  auto num_accepted = at::empty({B}, candidates.options());
+  auto next_token = at::empty({B}, candidates.options());
+  AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "verify_tree_cpu", [&] {
+    check_probability_rows(target.data_ptr<scalar_t>(), B * N, V, "target_probs");
+    if (draft) check_probability_rows(draft->data_ptr<scalar_t>(), draft->size(0) * draft->size(1), V, "draft_probs");
+    verify_rows_cpu<scalar_t>(cand.data_ptr<int64_t>(), par.data_ptr<int64_t>(), target.data_ptr<scalar_t>(),
+                              draft ? draft->data_ptr<scalar_t>() : nullptr, draft ? draft->size(1) : 0,
+                              unif ? unif->data_ptr<double>() : nullptr, B, N, V, greedy,
+                              accepted.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
+                              next_token.data_ptr<int64_t>());
+  });
+  return {accepted, num_accepted, next_token};
+}
+
+}  // namespace lightning_spec

@@ -1,0 +1,74 @@
+// Argument checks of lightning_spec::verify_tree, shared by the CPU and CUDA kernels: metadata first, then the
+// tree, tokens and uniforms (small). Probability rows: check_probabilities (ATen, any device) on CUDA; the CPU
+// kernel has a fused one-pass loop, ~10x faster than these reductions. Each message names the argument.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace lightning_spec {
+
+inline void check_probabilities(const at::Tensor& probs, const char* name) {
+  TORCH_CHECK((at::isfinite(probs) & (probs >= 0)).all().item<bool>(), "verify_tree: ", name,
+              " has non-finite or negative values");
+  const auto row_sums = probs.sum(at::IntArrayRef{-1}, /*keepdim=*/false, at::kDouble);
+  TORCH_CHECK(((row_sums - 1.0).abs() <= 1e-3).all().item<bool>(), "verify_tree: ", name,
+              " rows must sum to 1 (within 1e-3)");
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& target_probs, const char* name) {
+  TORCH_CHECK(t.device() == target_probs.device(), "verify_tree: ", name, " is on ", t.device(),
+              " but target_probs is on ", target_probs.device());
+}
+
+inline void check_verify_tree_args(const at::Tensor& candidates, const at::Tensor& parents,
+                                   const at::Tensor& target_probs, const std::optional<at::Tensor>& draft_probs,
+                                   const std::optional<at::Tensor>& uniforms, bool greedy) {
+  const auto probs_dtype = target_probs.scalar_type();
+  TORCH_CHECK(probs_dtype == at::kFloat || probs_dtype == at::kDouble || probs_dtype == at::kBFloat16 ||
+                  probs_dtype == at::kHalf,
+              "verify_tree: target_probs must be float32, float64, bfloat16 or float16, got ", probs_dtype);
+  TORCH_CHECK(target_probs.dim() == 3, "verify_tree: target_probs must be [B, N, V], got ", target_probs.sizes());
+  const int64_t B = target_probs.size(0), N = target_probs.size(1), V = target_probs.size(2);
+  TORCH_CHECK(N >= 1 && V >= 1, "verify_tree: target_probs must have N >= 1 nodes and V >= 1 tokens");
+  TORCH_CHECK(candidates.scalar_type() == at::kLong, "verify_tree: candidates must be int64, got ",
+              candidates.scalar_type());
+  TORCH_CHECK(candidates.dim() == 2 && candidates.size(0) == B && candidates.size(1) == N,
+              "verify_tree: candidates must be [B, N] = [", B, ", ", N, "], got ", candidates.sizes());
+  TORCH_CHECK(parents.scalar_type() == at::kLong, "verify_tree: parents must be int64, got ", parents.scalar_type());
+  TORCH_CHECK(parents.sizes() == candidates.sizes(), "verify_tree: parents must be [B, N] = [", B, ", ", N,
+              "], got ", parents.sizes());
+  check_same_device(candidates, target_probs, "candidates");
+  check_same_device(parents, target_probs, "parents");
+  if (draft_probs) {
+    const auto& draft = *draft_probs;
+    TORCH_CHECK(draft.scalar_type() == probs_dtype, "verify_tree: draft_probs must have target_probs' dtype ",
+                probs_dtype, ", got ", draft.scalar_type());
+    TORCH_CHECK(draft.dim() == 3 && draft.size(0) == B && (draft.size(1) == N || draft.size(1) == N - 1) &&
+                    draft.size(2) == V,
+                "verify_tree: draft_probs must be [B, N, V] or [B, N - 1, V] with target_probs' B, N, V = ", B, ", ",
+                N, ", ", V, ", got ", draft.sizes());
+    check_same_device(draft, target_probs, "draft_probs");
+  }
+  TORCH_CHECK(greedy || uniforms, "verify_tree: uniforms are required unless greedy");
+  if (uniforms) {
+    TORCH_CHECK(uniforms->scalar_type() == at::kDouble, "verify_tree: uniforms must be float64, got ",
+                uniforms->scalar_type());
+    TORCH_CHECK(uniforms->dim() == 2 && uniforms->size(0) == B && uniforms->size(1) == N + 1,
+                "verify_tree: uniforms must be [B, N + 1] = [", B, ", ", N + 1, "], got ", uniforms->sizes());
+    check_same_device(*uniforms, target_probs, "uniforms");
+  }
+
+  // Values: the tree is topological, tokens exist, uniforms lie in [0, 1).
+  TORCH_CHECK((parents.select(1, 0) == -1).all().item<bool>(), "verify_tree: parents[:, 0] must be -1 (the root)");
+  const auto node_index = at::arange(1, N, parents.options());
+  const auto later_parents = parents.slice(1, 1);
+  TORCH_CHECK(((later_parents >= 0) & (later_parents < node_index)).all().item<bool>(),
+              "verify_tree: parents must satisfy 0 <= parents[b, i] < i for i >= 1");
+  TORCH_CHECK(((candidates >= 0) & (candidates < V)).all().item<bool>(), "verify_tree: candidates must lie in [0, ",
+              V, ")");
+  if (uniforms)
+    TORCH_CHECK(((*uniforms >= 0) & (*uniforms < 1)).all().item<bool>(), "verify_tree: uniforms must lie in [0, 1)");
+}
+
+}  // namespace lightning_spec

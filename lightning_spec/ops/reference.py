@@ -1,0 +1,120 @@
+"""Pure-PyTorch twins of the compiled ops, for tests and reading: same wrappers, same decisions bit for bit.
+
+The kernel below walks each row in Python floats (float64) with the exact arithmetic of csrc/verify_walk.h:
+sequential sums in token order, the same expressions in the same order (Python never fuses a multiply-add).
+"""
+import torch
+
+from lightning_spec.ops.verify import run_chain, run_tree
+
+
+def _fail(message: str):
+    raise ValueError(f"verify_tree: {message}")
+
+
+def _sequential_sum(values) -> float:
+    total = 0.0
+    for v in values:  # not sum(): Python >= 3.12 compensates float sums
+        total += v
+    return total
+
+
+def _positive_part(v: float) -> float:
+    return v if v > 0.0 else 0.0
+
+
+def _sample_inverse_cdf(r: list, m: float, u: float) -> int:
+    threshold, running, last = u * m, 0.0, 0
+    for i, v in enumerate(r):
+        if v > 0.0:
+            running += v
+            last = i
+            if running > threshold:
+                return i
+    return last
+
+
+def _walk_row(candidates, parents, target, draft, uniforms, greedy):
+    N = len(candidates)
+    accepted, node = [0], 0
+    while True:
+        children = [j for j in range(node + 1, N) if parents[j] == node]
+        chosen = None
+        if greedy:
+            row = target[node]
+            best = max(range(len(row)), key=row.__getitem__)  # the first maximum, as torch.argmax
+            chosen = next((j for j in children if candidates[j] == best), None)
+            if chosen is None:
+                return accepted, best
+        else:
+            r = list(target[node])
+            m = _sequential_sum(r)
+            q = draft[node] if draft is not None and children else None
+            qm = _sequential_sum(q) if q is not None else 0.0
+            for j in children:
+                x, u = candidates[j], uniforms[j]
+                if (u * q[x] * m < r[x] * qm) if q is not None else (u * m < r[x]):
+                    chosen = j
+                    break
+                if q is not None:
+                    residual = [_positive_part(ri * qm - qi * m) for ri, qi in zip(r, q)]
+                else:
+                    residual = [0.0 if i == x else ri for i, ri in enumerate(r)]
+                residual_mass = _sequential_sum(residual)
+                if residual_mass > 0.0:  # else (rounding, or x outside q's support) p stays as it was
+                    r, m = residual, residual_mass
+            if chosen is None:
+                return accepted, _sample_inverse_cdf(r, m, uniforms[N])
+        accepted.append(chosen)
+        node = chosen
+
+
+def _check_probabilities(probs: torch.Tensor, name: str) -> None:
+    values = probs.double()
+    if not bool((torch.isfinite(values) & (values >= 0)).all()):
+        _fail(f"{name} has non-finite or negative values")
+    if not bool(((values.sum(-1) - 1.0).abs() <= 1e-3).all()):
+        _fail(f"{name} rows must sum to 1 (within 1e-3)")
+
+
+def verify_tree_kernel(candidates, parents, target_probs, draft_probs, uniforms, greedy):
+    """Reference of torch.ops.lightning_spec.verify_tree (values checked here, metadata by the wrappers)."""
+    B, N, V = target_probs.shape
+    if not bool((parents[:, 0] == -1).all()):
+        _fail("parents[:, 0] must be -1 (the root)")
+    if not bool(((parents[:, 1:] >= 0) & (parents[:, 1:] < torch.arange(1, N, device=parents.device))).all()):
+        _fail("parents must satisfy 0 <= parents[b, i] < i for i >= 1")
+    if not bool(((candidates >= 0) & (candidates < V)).all()):
+        _fail(f"candidates must lie in [0, {V})")
+    _check_probabilities(target_probs, "target_probs")
+    if draft_probs is not None:
+        _check_probabilities(draft_probs, "draft_probs")
+    if uniforms is not None and not bool(((uniforms >= 0) & (uniforms < 1)).all()):
+        _fail("uniforms must lie in [0, 1)")
+
+    accepted = torch.full((B, N), -1, dtype=torch.int64)
+    num_accepted = torch.empty(B, dtype=torch.int64)
+    next_token = torch.empty(B, dtype=torch.int64)
+    draft_rows = draft_probs.double().tolist() if draft_probs is not None else [None] * B
+    uniform_rows = uniforms.tolist() if uniforms is not None else [None] * B
+    rows = zip(candidates.tolist(), parents.tolist(), target_probs.double().tolist(), draft_rows, uniform_rows)
+    for b, (cand, par, target, draft, unif) in enumerate(rows):
+        path, next_token[b] = _walk_row(cand, par, target, draft, unif, greedy)
+        accepted[b, : len(path)] = torch.tensor(path)
+        num_accepted[b] = len(path) - 1
+    device = candidates.device
+    return accepted.to(device), num_accepted.to(device), next_token.to(device)
+
+
+def verify_tree(candidates, parents, target_probs, draft_probs=None, *, greedy=False, uniforms=None, generator=None):
+    """Reference of lightning_spec.ops.verify_tree (same arguments, same results)."""
+    return run_tree(
+        verify_tree_kernel, candidates, parents, target_probs, draft_probs, greedy=greedy, uniforms=uniforms, generator=generator
+    )
+
+
+def verify_chain(draft_tokens, target_probs, draft_probs=None, *, greedy=False, uniforms=None, generator=None):
+    """Reference of lightning_spec.ops.verify_chain (same arguments, same results)."""
+    return run_chain(
+        verify_tree_kernel, draft_tokens, target_probs, draft_probs, greedy=greedy, uniforms=uniforms, generator=generator
+    )

@@ -1,0 +1,27 @@
+"""Builds lightning_spec._C (csrc/); the package metadata lives in pyproject.toml.
+
+CPU always; the CUDA kernel too when torch is a CUDA build and CUDA_HOME is found. Exact float semantics:
+no FMA contraction, so the kernels agree bit for bit with lightning_spec/ops/reference.py.
+"""
+from pathlib import Path
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+CSRC = Path("csrc")
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]  # the C++ standard is torch's (C++20)
+sources = [str(CSRC / "ops.cpp"), str(CSRC / "verify.cpp")]
+
+if torch.cuda.is_available() and CUDA_HOME is not None:
+    extension = CUDAExtension(
+        "lightning_spec._C",
+        sources + [str(CSRC / "verify_cuda.cpp"), str(CSRC / "verify.cu")],
+        define_macros=[("LIGHTNING_SPEC_WITH_CUDA", None)],
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "--fmad=false"]},
+        extra_link_args=["-lgomp"],
+    )
+else:
+    extension = CppExtension("lightning_spec._C", sources, extra_compile_args=CXX_FLAGS, extra_link_args=["-lgomp"])
+
+setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})
