@@ -126,14 +126,18 @@ class DraftDistillationModule(LightningModule):
         fraction = self.hparams.on_policy_fraction
         if fraction <= 0:
             return False
-        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        g = torch.Generator().manual_seed(self._step_seed())
         return bool(torch.rand((), generator=g) < fraction)
+
+    def _step_seed(self) -> int:
+        """A seed fixed by (seed, global step): on-policy choices and samples replay exactly after a resume."""
+        return self.hparams.seed * 1_000_003 + self.global_step
 
     @torch.no_grad()
     def _sample_from_draft(self, batch):
         """Replace the responses by continuations of the prompts sampled from the current draft."""
         prompt, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
-        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        torch.manual_seed(self._step_seed())
         tok = self.tokenizer
         out = self.draft.generate(
             input_ids=prompt, attention_mask=prompt_mask, do_sample=True, top_k=None, top_p=1.0,
@@ -165,7 +169,8 @@ class DraftDistillationModule(LightningModule):
             ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         select = loss_mask[:, 1:] & attn[:, 1:].bool()
         draft_logits = next_token_logits(self.draft, ids, attn, select)
-        teacher = self._teacher(batch, ids, attn, select)
+        # plain cross-entropy needs the target only for the fidelity figures
+        teacher = self._teacher(batch, ids, attn, select) if fidelity or self.loss_name != "ce" else None
         loss = distill_loss(
             draft_logits, teacher, self.loss_name, labels=ids[:, 1:][select], temperature=self.temperature,
             jsd_beta=self.jsd_beta, reduction="sum",
