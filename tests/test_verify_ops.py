@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from lightning_spec import ops
 from lightning_spec.ops import reference
 
+from chisquare import chi_square_pvalue
+
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 IMPLS = {"compiled": (ops.verify_tree, ops.verify_chain), "reference": (reference.verify_tree, reference.verify_chain)}
 
@@ -347,19 +349,6 @@ def first_tokens(shape, with_draft_probs, root_depth, root_token, tables, g):
     emitted = torch.cat([path_tokens[:, 1:], torch.full((B, 1), -1)], 1)
     emitted[torch.arange(B), num_accepted] = next_token
     return emitted[:, :2]
-
-
-def chi_square_pvalue(counts, probs):
-    """Pearson chi-square against probs; cells expected below 5 are pooled. Impossible cells must be empty."""
-    assert counts[probs == 0].sum() == 0, "a token with target probability 0 was emitted"
-    expected = probs * counts.sum()
-    big = expected >= 5
-    observed = torch.cat([counts[big], counts[~big & (probs > 0)].sum().view(1)])
-    wanted = torch.cat([expected[big], expected[~big & (probs > 0)].sum().view(1)])
-    keep = wanted > 0
-    statistic = ((observed[keep] - wanted[keep]) ** 2 / wanted[keep]).sum()
-    dof = torch.tensor(float(keep.sum() - 1), dtype=torch.float64)
-    return float(torch.special.gammaincc(dof / 2, statistic / 2))
 
 
 STAT_CASES = [

@@ -1,0 +1,82 @@
+"""A transformers causal LM with a KV cache that can take back what it was fed.
+
+Every forward appends its tokens to the cache at the same slots for all rows. A slot stays in the cache for good,
+but a token is visible to later queries only once it is *committed*: a rejected draft token is simply never
+committed, so rollback costs nothing and rows may accept different numbers of tokens (ragged batches). The
+attention mask and position ids are built here from the committed slots, so positions count committed tokens only.
+When rejected slots outnumber the committed ones, `compact` gathers each row's committed slots to the front.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class CachedLM:
+    def __init__(self, model, batch_size: int, device: torch.device):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+            raise ValueError(
+                f"the decoding engine needs full-attention layers; {model.config.model_type} uses sliding-window or other caches"
+            )
+        self.committed = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, slots]
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # committed tokens per row
+        self._min = torch.finfo(model.dtype).min
+
+    @property
+    def slots(self) -> int:
+        return self.committed.shape[1]
+
+    def forward(self, tokens: Tensor, positions: Tensor, see_new: Tensor, see_old: Optional[Tensor] = None, logits_to_keep: int = 0) -> Tensor:
+        """Append ``tokens`` [B, q] at ``positions`` [B, q] and return their logits [B, q or logits_to_keep, V].
+
+        A query sees the committed slots, the old slots in ``see_old`` [B or 1, q, slots] (uncommitted draft
+        nodes of the tree being built) and the new tokens in ``see_new`` [B or 1, q, q]. Nothing is committed.
+        """
+        B, q = tokens.shape
+        old = self.committed[:, None, :].expand(B, q, self.slots)
+        if see_old is not None:
+            old = old | see_old
+        visible = torch.cat([old, see_new.expand(B, q, q)], dim=2)
+        mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=tokens.device).masked_fill_(~visible, self._min)
+        out = self.model(
+            input_ids=tokens, attention_mask=mask[:, None], position_ids=positions,
+            cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
+        )
+        self.committed = torch.cat([self.committed, self.committed.new_zeros(B, q)], dim=1)
+        return out.logits.float()
+
+    def commit(self, keep: Tensor) -> None:
+        """Commit the last ``keep.shape[1]`` slots where ``keep`` [B, k] is true."""
+        k = keep.shape[1]
+        self.committed[:, self.slots - k :] |= keep
+        self.length += keep.sum(1)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only ``rows`` of the batch (finished rows leave)."""
+        for layer in self.cache.layers:
+            if not layer.is_initialized:
+                continue
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+        self.committed, self.length = self.committed[rows], self.length[rows]
+
+    def compact(self) -> None:
+        """Move each row's committed slots to the front (left-padded) once rejected slots dominate."""
+        kept = int(self.length.max())
+        if self.slots <= 2 * kept + 64:
+            return
+        order = torch.arange(self.slots, device=self.committed.device)
+        # committed slots last, in order: the top `kept` of this key are each row's committed slots, left-padded
+        key = torch.where(self.committed, order + self.slots, order)
+        index = key.topk(kept, dim=1, sorted=True).indices.flip(1)  # [B, kept] ascending slot order
+        for layer in self.cache.layers:
+            if not layer.is_initialized:
+                continue
+            B, H, _, D = layer.keys.shape
+            gather = index[:, None, :, None].expand(B, H, kept, D)
+            layer.keys = layer.keys.gather(2, gather)
+            layer.values = layer.values.gather(2, gather)
+        self.committed = self.committed.gather(1, index)

@@ -1,0 +1,199 @@
+"""The decoding engine: greedy output equals the target's own (tiny models and SmolLM2), sampling is lossless
+(chi-square of the first three emitted tokens against the target's exact distribution), KV rollback under ragged
+acceptance and compaction, stats, bad input."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_spec.decoding import chain, speculative_generate, target_generate, topk_tree, warp
+from lightning_spec.decoding.kv import CachedLM
+from lightning_spec.models import build_draft, load_causal_lm
+
+from chisquare import chi_square_pvalue
+
+TREES = {
+    "chain1": dict(gamma=1),
+    "chain4": dict(gamma=4),
+    "topk322": dict(tree=topk_tree([3, 2, 2])),
+    "sparse": dict(tree=[-1, 0, 0, 1, 1, 2, 3, 5]),
+}
+
+
+def peaky_llama(seed: int, vocab: int = 512, layers: int = 3, hidden: int = 32, head_scale: float = 8.0) -> LlamaForCausalLM:
+    """A random Llama whose next-token distributions are far from uniform (no near-ties for greedy)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = peaky_llama(0)
+    return target, build_draft(target, layers=[0])
+
+
+def ragged_prompts(seed: int = 1, B: int = 3, T: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 512, (B, T), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(B):
+        mask[b, : (b * 3) % T] = 0  # left padding: rows of length 9, 6, 3
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def hf_greedy(model, ids, mask, n, eos=None):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos)
+
+
+@pytest.mark.parametrize("shape", sorted(TREES))
+def test_greedy_equals_the_targets_greedy(pair, shape):
+    target, draft = pair
+    ids, mask = ragged_prompts()
+    expected = hf_greedy(target, ids, mask, 40)
+    out = speculative_generate(target, draft, ids, 40, attention_mask=mask, eos_token_id=[], **TREES[shape])
+    assert torch.equal(out.tokens, expected)
+    assert torch.equal(target_generate(target, ids, 40, attention_mask=mask, eos_token_id=[]).tokens, expected)
+    s = out.stats
+    assert s.new_tokens == 3 * 40 and s.row_rounds >= s.target_calls and s.accepted <= s.drafted
+    assert s.position_attempts[0] == s.row_rounds  # position 1 is verified every round
+
+
+@pytest.mark.parametrize("shape", sorted(TREES))
+def test_the_target_as_its_own_draft_accepts_everything(pair, shape):
+    target, _ = pair
+    ids, mask = ragged_prompts()
+    out = speculative_generate(target, target, ids, 30, attention_mask=mask, eos_token_id=[], **TREES[shape])
+    depth = out.stats.max_depth
+    assert torch.equal(out.tokens, hf_greedy(target, ids, mask, 30))
+    assert out.stats.acceptance_per_position == [1.0] * depth
+    assert out.stats.target_calls == -(-30 // (depth + 1))  # ceil: depth + 1 tokens per call
+
+
+def test_rows_stop_at_eos_and_are_padded(pair):
+    target, draft = pair
+    ids, mask = ragged_prompts()
+    free = hf_greedy(target, ids, mask, 12)
+    eos = int(free[0, ids.shape[1] + 4])  # row 0 emits it as its 5th token
+    expected = hf_greedy(target, ids, mask, 12, eos=eos)
+    out = speculative_generate(target, draft, ids, 12, attention_mask=mask, eos_token_id=eos, gamma=3)
+    assert torch.equal(out.tokens, expected)
+    assert out.tokens[0, ids.shape[1] + 5 :].eq(0).all()
+
+
+def test_rollback_survives_compaction(pair, monkeypatch):
+    target, draft = pair
+    compactions = []
+    original = CachedLM.compact
+
+    def spy(self):
+        before = self.slots
+        original(self)
+        compactions.append(before > self.slots)
+
+    monkeypatch.setattr(CachedLM, "compact", spy)
+    ids, mask = ragged_prompts()
+    out = speculative_generate(target, draft, ids, 120, attention_mask=mask, eos_token_id=[], gamma=7)
+    assert any(compactions)
+    assert torch.equal(out.tokens, hf_greedy(target, ids, mask, 120))
+
+
+# ---------------------------------------------------------------- lossless sampling
+
+def exact_first_three(target, prompt, V, temperature, top_p):
+    """P(t1, t2, t3) of the target's own sampling, [V, V, V], by enumerating every two-token continuation."""
+    pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))
+    seqs = torch.cat([prompt.expand(V * V, -1), pairs], 1)
+    with torch.no_grad():
+        probs = warp(target(seqs).logits[:, -3:].double(), temperature, top_p).double()
+    p1 = probs[0, 0]
+    p2 = probs[:, 1].view(V, V, V)[:, 0]  # [t1, t2]: the same for every t2 of the pair
+    p3 = probs[:, 2].view(V, V, V)  # [t1, t2, t3]
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+SAMPLING_CASES = [
+    ("target_only", {}, 1.0, 1.0),
+    ("chain1", dict(gamma=1), 1.0, 1.0),
+    ("chain2", dict(gamma=2), 0.9, 0.9),
+    ("topk22", dict(tree=topk_tree([2, 2])), 1.0, 1.0),
+    ("sparse", dict(tree=[-1, 0, 0, 1]), 0.9, 0.9),
+]
+
+
+@pytest.mark.parametrize("name,shape,temperature,top_p", SAMPLING_CASES)
+def test_sampling_follows_the_target(name, shape, temperature, top_p):
+    V, trials = 8, 20_000
+    target = peaky_llama(3, vocab=V, head_scale=4.0)
+    draft = peaky_llama(4, vocab=V, head_scale=4.0, layers=1)
+    prompt = torch.tensor([[1, 5, 2, 7]])
+    exact = exact_first_three(target, prompt, V, temperature, top_p)
+    g = torch.Generator().manual_seed(7)
+    common = dict(temperature=temperature, top_p=top_p, generator=g, eos_token_id=[])
+    batch = prompt.expand(trials, -1).contiguous()
+    if name == "target_only":
+        out = target_generate(target, batch, 3, **common)
+    else:
+        out = speculative_generate(target, draft, batch, 3, **shape, **common)
+        assert 0 < out.stats.accepted < out.stats.drafted
+    t = out.tokens[:, -3:]
+    counts = torch.bincount(t[:, 0] * V * V + t[:, 1] * V + t[:, 2], minlength=V**3).double()
+    assert chi_square_pvalue(counts, exact.flatten()) > 1e-3
+
+
+# ---------------------------------------------------------------- the real target
+
+@pytest.mark.slow
+def test_greedy_on_smollm2_equals_generate(smol_dir):
+    target, tokenizer = load_causal_lm(smol_dir)
+    draft = build_draft(target, layers=[0, 1, 2, 3])
+    prompts = ["What is the capital of France?", "Write a haiku about autumn leaves.", "List three uses of copper and explain each one briefly."]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    expected = target.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    for shape in (dict(gamma=4), dict(tree=topk_tree([2, 2, 1]))):
+        out = speculative_generate(target, draft, batch["input_ids"], 24, attention_mask=batch["attention_mask"], **shape)
+        assert torch.equal(out.tokens, expected), shape
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(gamma=0), "gamma"),
+        (dict(tree=[0, 0]), "tree"),
+        (dict(tree=[-1, 2, 0]), "node 1 has parent 2"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(input_ids=torch.ones(4)), "input_ids"),
+        (dict(input_ids=torch.ones(1, 4)), "input_ids"),
+        (dict(attention_mask=torch.tensor([[1, 1, 1, 0]])), "left-padded"),
+        (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
+    ],
+)
+def test_bad_input_is_named(pair, kwargs, match):
+    target, draft = pair
+    args = dict(input_ids=torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        speculative_generate(target, draft, **args)
+
+
+def test_vocabulary_mismatch_is_refused(pair):
+    target, _ = pair
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        speculative_generate(target, peaky_llama(1, vocab=256), torch.tensor([[5, 6]]), 4)
+
+
+def test_chain_is_the_parents_of_a_path():
+    assert chain(3) == [-1, 0, 1, 2]
+    assert topk_tree([2, 1]) == [-1, 0, 0, 1, 2]
