@@ -547,3 +547,39 @@ def test_cuda_host_wrapper_compiles(tmp_path):
     command = ["g++", "-std=c++20", "-fsyntax-only", "-DLIGHTNING_SPEC_WITH_CUDA", *includes, str(CSRC / "verify_cuda.cpp")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- CUDA (runs where a GPU and a CUDA build exist)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["greedy", "draft_probs", "one_hot"])
+@pytest.mark.parametrize("seed", range(4))
+def test_cuda_equals_cpu_bit_for_bit(dtype, mode, seed):
+    candidates, parents, target, draft, uniforms = random_inputs(seed, B=64, V=300, dtype=dtype, N=16)
+    draft = draft if mode == "draft_probs" else None
+    kwargs = dict(greedy=mode == "greedy", uniforms=uniforms)
+    cpu = ops.verify_tree(candidates, parents, target, draft, **kwargs)
+    to_gpu = lambda t: t.cuda() if t is not None else None  # noqa: E731
+    gpu = ops.verify_tree(*map(to_gpu, (candidates, parents, target, draft)), greedy=kwargs["greedy"], uniforms=uniforms.cuda())
+    for got, want in zip(gpu, cpu):
+        assert got.is_cuda and torch.equal(got.cpu(), want)
+
+
+@needs_cuda
+def test_cuda_rejects_bad_input_by_name():
+    candidates, parents, target, draft, uniforms = random_inputs(0, V=50, N=6)
+    args = [t.cuda() for t in (candidates, parents, target)]
+    bad_target = args[2].clone()
+    bad_target[0, 0, 0] = float("nan")
+    with pytest.raises((RuntimeError, ValueError), match="target_probs"):
+        ops.verify_tree(args[0], args[1], bad_target, greedy=True)
+    bad_parents = args[1].clone()
+    bad_parents[0, -1] = 99
+    with pytest.raises((RuntimeError, ValueError), match="parents"):
+        ops.verify_tree(args[0], bad_parents, args[2], greedy=True)
+    with pytest.raises(ValueError, match="candidates is on cpu"):
+        ops.verify_tree(candidates, args[1], args[2], greedy=True)

@@ -34,6 +34,8 @@ class DecodingStats:
     row_rounds: int = 0  # target calls summed over the rows still generating
     new_tokens: int = 0  # tokens emitted (EOS included)
     prefill_time: float = 0.0  # seconds spent on the prompts
+    target_time: float = 0.0  # seconds in target forwards after the prompt
+    draft_time: float = 0.0  # seconds in draft forwards after the prompt
     wall_time: float = 0.0  # seconds for the whole call
 
     def __post_init__(self):
@@ -49,6 +51,19 @@ class DecodingStats:
     def acceptance_per_position(self) -> List[float]:
         """P(position d accepted | position d verified), d = 1..max_depth."""
         return [a / n if n else float("nan") for a, n in zip(self.position_accepts, self.position_attempts)]
+
+    @property
+    def alpha(self) -> float:
+        """Per-position acceptance pooled over positions: the alpha of the i.i.d. model behind tau's formula."""
+        attempts = sum(self.position_attempts)
+        return sum(self.position_accepts) / attempts if attempts else float("nan")
+
+    @property
+    def cost_ratio(self) -> float:
+        """c = time of one draft forward / time of one target forward (a verification call), as measured."""
+        if not (self.draft_calls and self.target_calls and self.target_time):
+            return float("nan")
+        return (self.draft_time / self.draft_calls) / (self.target_time / self.target_calls)
 
     @property
     def tokens_per_second(self) -> float:
@@ -192,6 +207,7 @@ def _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p
     drafter = _Draft(draft, layout, input_ids, mask, sample_chain) if draft is not None else None
     stats = DecodingStats(max_depth=layout.max_depth if draft is not None else 0)
     stats.prefill_time = time.perf_counter() - start
+    prefill_seconds = (target_lm.seconds, drafter.lm.seconds if drafter is not None else 0.0)
 
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long)
     produced = [0] * B
@@ -261,6 +277,8 @@ def _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p
         if drafter is not None:
             drafter.lm.compact()
     stats.new_tokens = sum(produced)
+    stats.target_time = target_lm.seconds - prefill_seconds[0]
+    stats.draft_time = drafter.lm.seconds - prefill_seconds[1] if drafter is not None else 0.0
     stats.wall_time = time.perf_counter() - start
     tokens = torch.cat([input_ids, out[:, : max(produced)].to(device)], dim=1)
     return GenerationOutput(tokens=tokens, stats=stats)

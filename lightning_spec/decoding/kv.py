@@ -6,6 +6,7 @@ committed, so rollback costs nothing and rows may accept different numbers of to
 attention mask and position ids are built here from the committed slots, so positions count committed tokens only.
 When rejected slots outnumber the committed ones, `compact` gathers each row's committed slots to the front.
 """
+import time
 from typing import Optional
 
 import torch
@@ -25,6 +26,7 @@ class CachedLM:
         self.committed = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, slots]
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # committed tokens per row
         self._min = torch.finfo(model.dtype).min
+        self.seconds = 0.0  # time spent in forward, for cost ratios
 
     @property
     def slots(self) -> int:
@@ -42,12 +44,17 @@ class CachedLM:
             old = old | see_old
         visible = torch.cat([old, see_new.expand(B, q, q)], dim=2)
         mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=tokens.device).masked_fill_(~visible, self._min)
+        start = time.perf_counter()
         out = self.model(
             input_ids=tokens, attention_mask=mask[:, None], position_ids=positions,
             cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
         )
         self.committed = torch.cat([self.committed, self.committed.new_zeros(B, q)], dim=1)
-        return out.logits.float()
+        logits = out.logits.float()
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)  # the time belongs to this model
+        self.seconds += time.perf_counter() - start
+        return logits
 
     def commit(self, keep: Tensor) -> None:
         """Commit the last ``keep.shape[1]`` slots where ``keep`` [B, k] is true."""

@@ -41,15 +41,15 @@ def _walk_row(candidates, parents, target, draft, uniforms, greedy):
         children = [j for j in range(node + 1, N) if parents[j] == node]
         chosen = None
         if greedy:
-            row = target[node]
+            row = target[node].tolist()
             best = max(range(len(row)), key=row.__getitem__)  # the first maximum, as torch.argmax
             chosen = next((j for j in children if candidates[j] == best), None)
             if chosen is None:
                 return accepted, best
         else:
-            r = list(target[node])
+            r = target[node].tolist()
             m = _sequential_sum(r)
-            q = draft[node] if draft is not None and children else None
+            q = draft[node].tolist() if draft is not None and children else None
             qm = _sequential_sum(q) if q is not None else 0.0
             for j in children:
                 x, u = candidates[j], uniforms[j]
@@ -95,9 +95,10 @@ def verify_tree_kernel(candidates, parents, target_probs, draft_probs, uniforms,
     accepted = torch.full((B, N), -1, dtype=torch.int64)
     num_accepted = torch.empty(B, dtype=torch.int64)
     next_token = torch.empty(B, dtype=torch.int64)
-    draft_rows = draft_probs.double().tolist() if draft_probs is not None else [None] * B
+    # rows of probabilities become Python floats only when the walk visits them
+    draft_rows = draft_probs.cpu().double() if draft_probs is not None else [None] * B
     uniform_rows = uniforms.tolist() if uniforms is not None else [None] * B
-    rows = zip(candidates.tolist(), parents.tolist(), target_probs.double().tolist(), draft_rows, uniform_rows)
+    rows = zip(candidates.tolist(), parents.tolist(), target_probs.cpu().double(), draft_rows, uniform_rows)
     for b, (cand, par, target, draft, unif) in enumerate(rows):
         path, next_token[b] = _walk_row(cand, par, target, draft, unif, greedy)
         accepted[b, : len(path)] = torch.tensor(path)

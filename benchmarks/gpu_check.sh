@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The CUDA path in one go, for a GPU machine (<= 8 minutes on an H100): build the extension with its CUDA kernel,
+# run the op tests there (CPU and CUDA; CUDA must equal CPU bit for bit), and benchmark verify_tree on the GPU.
+# Needs a CUDA build of torch and the package's Python dependencies already installed (a machine without network
+# can take them as wheels). Usage: bash benchmarks/gpu_check.sh [python]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-python3}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())"
+start=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-16} "$PY" setup.py -q build_ext --inplace
+echo "build: $(( $(date +%s) - start )) s"
+"$PY" -c "import torch, lightning_spec.ops as o; assert torch._C._dispatch_has_kernel_for_dispatch_key('lightning_spec::verify_tree', 'CUDA'), 'the extension has no CUDA kernel'; print('extension', o.extension_path())"
+CI=true "$PY" -m pytest -q -p no:cacheprovider tests/test_verify_ops.py
+"$PY" benchmarks/bench_verify.py --device cuda --repeats 50
+echo "total: $(( $(date +%s) - start )) s"
