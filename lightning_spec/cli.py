@@ -4,9 +4,11 @@ Example::
 
     lightning-spec fit --config examples/smollm2_draft.yaml
     lightning-spec fit --config examples/smollm2_draft.yaml --print_config
+    lightning-spec eval --drafts fkl=artifacts/smollm2_draft untrained=cut:0,1,2,3   (see lightning_spec.evaluate)
 """
 from __future__ import annotations
 
+import sys
 from typing import List, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -30,7 +32,13 @@ def build_cli(args: Optional[List[str]] = None, run: bool = True) -> LightningCL
 
 
 def main() -> None:
-    """Console entry point: returns nothing, so the process exits 0 on success."""
+    """Console entry point: `eval` goes to lightning_spec.evaluate, everything else to LightningCLI; returns
+    nothing, so the process exits 0 on success."""
+    if sys.argv[1:2] == ["eval"]:
+        from lightning_spec.evaluate import main as evaluate_main
+
+        evaluate_main(sys.argv[2:])
+        return
     build_cli()
 
 

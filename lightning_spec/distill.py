@@ -8,11 +8,11 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from lightning_spec.losses import SparseTeacher, check_loss_name, distill_loss, fidelity_sums
+from lightning_spec.metrics.functional import expected_accepted_length
 from lightning_spec.models import (
-    build_draft, check_vocab_compatible, load_causal_lm, next_token_logits, resolve_source,
+    build_draft, check_vocab_compatible, load_causal_lm, load_model, next_token_logits,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,11 +28,6 @@ def _import_if_path(factory):
         return factory
     module, _, name = factory.rpartition(".")
     return getattr(importlib.import_module(module), name)
-
-
-def expected_tokens_per_call(alpha: float, gamma: int) -> float:
-    """τ = (1 - α^(γ+1)) / (1 - α): expected tokens per target call with i.i.d. acceptance α."""
-    return float(gamma + 1) if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
 class DraftDistillationModule(LightningModule):
@@ -91,8 +86,7 @@ class DraftDistillationModule(LightningModule):
             target, loaded_tokenizer = load_causal_lm(target)
             tokenizer = tokenizer or loaded_tokenizer
         if isinstance(draft, (str,)) or hasattr(draft, "__fspath__"):
-            # the model only: a draft directory need not hold a tokenizer (the target's is used)
-            draft = AutoModelForCausalLM.from_pretrained(resolve_source(draft), dtype=torch.float32)
+            draft = load_model(draft)  # the target's tokenizer is used
         elif draft is None or isinstance(draft, dict):
             draft = build_draft(target, **(draft or {"num_layers": 4}))
         check_vocab_compatible(draft, target)
@@ -221,7 +215,7 @@ class DraftDistillationModule(LightningModule):
             sums += torch.stack([s.double().cpu() for s in fidelity_sums(draft_logits, self._target_logits(ids, attn, select))])
         self.draft.train(was_training)
         alpha = (sums[0] / sums[2].clamp_min(1)).item()
-        return {"alpha": alpha, "agreement": (sums[1] / sums[2].clamp_min(1)).item(), "tau": expected_tokens_per_call(alpha, gamma), "tokens": int(sums[2])}
+        return {"alpha": alpha, "agreement": (sums[1] / sums[2].clamp_min(1)).item(), "tau": expected_accepted_length(alpha, gamma), "tokens": int(sums[2])}
 
     def configure_optimizers(self):
         params = [p for p in self.draft.parameters() if p.requires_grad]

@@ -89,9 +89,12 @@ def load_causal_lm(source: Union[str, os.PathLike], dtype: torch.dtype = torch.f
 
         target, tokenizer = load_causal_lm("smollm2-135m-instruct")
     """
-    path = resolve_source(source)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model, load_tokenizer(path)
+    return load_model(source, dtype), load_tokenizer(resolve_source(source))
+
+
+def load_model(source: Union[str, os.PathLike], dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model of ``source`` (as for `load_causal_lm`) without a tokenizer: a draft directory need not hold one."""
+    return AutoModelForCausalLM.from_pretrained(resolve_source(source), dtype=dtype)
 
 
 def check_vocab_compatible(draft: PreTrainedModel, target: PreTrainedModel, draft_tokenizer=None, target_tokenizer=None):

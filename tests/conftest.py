@@ -11,6 +11,7 @@ from lightning.pytorch import Trainer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_spec.data import DistillDataModule
+from lightning_spec.distill import DraftDistillationModule
 from lightning_spec.models import load_tokenizer, resolve_source
 
 TOPICS = ["soup", "bread", "rivers", "chess", "python", "tea", "maps", "birds", "glass", "clocks"]
@@ -46,6 +47,14 @@ def tokenizer(smol_dir):
 @pytest.fixture
 def tiny_target():
     return make_tiny_target()
+
+
+@pytest.fixture
+def make_module(tiny_target, tokenizer):
+    def make(**kwargs) -> DraftDistillationModule:
+        return DraftDistillationModule(**{"target": tiny_target, "draft": {"num_layers": 2}, "tokenizer": tokenizer, **kwargs})
+
+    return make
 
 
 @pytest.fixture

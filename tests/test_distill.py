@@ -6,17 +6,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_spec import FidelityReport
-from lightning_spec.distill import DraftDistillationModule, expected_tokens_per_call
+from lightning_spec.distill import DraftDistillationModule
+from lightning_spec.metrics.functional import expected_accepted_length
 from lightning_spec.losses import LOSSES, distill_loss, sparse_teacher_from_logits
 from lightning_spec.models import next_token_logits
-
-
-@pytest.fixture
-def make_module(tiny_target, tokenizer):
-    def make(**kwargs) -> DraftDistillationModule:
-        return DraftDistillationModule(**{"target": tiny_target, "draft": {"num_layers": 2}, "tokenizer": tokenizer, **kwargs})
-
-    return make
 
 
 def snapshot(model):
@@ -141,7 +134,7 @@ def test_measure(make_module, qa_datamodule, num_layers):
     dm.setup("fit")
     result = make_module(draft={"num_layers": num_layers}).measure(dm.val_dataloader(), gamma=3)
     assert 0.0 <= result["alpha"] <= 1.0
-    assert result["tau"] == pytest.approx(expected_tokens_per_call(result["alpha"], 3))
+    assert result["tau"] == pytest.approx(expected_accepted_length(result["alpha"], 3))
     assert result["tokens"] == sum(sum(m[1:]) for m in dm.splits["val"]["loss_mask"])
     if num_layers == 4:  # a copy of the whole target is accepted everywhere
         assert result["alpha"] == pytest.approx(1.0, abs=1e-4) and result["agreement"] == 1.0
@@ -153,16 +146,11 @@ def test_fidelity_report(tmp_path, make_module, make_trainer, qa_datamodule, cap
     written = json.loads((tmp_path / "fidelity.json").read_text())
     assert written["gamma"] == 2 and written["before"] == report.before and written["after"] == report.after
     assert 0 <= written["before"]["alpha"] <= 1 and written["after"]["tau"] == pytest.approx(
-        expected_tokens_per_call(written["after"]["alpha"], 2)
+        expected_accepted_length(written["after"]["alpha"], 2)
     )
     assert "tau at gamma=2" in capsys.readouterr().out
     with pytest.raises(MisconfigurationException, match="gamma"):
         FidelityReport(gamma=0)
-
-
-@pytest.mark.parametrize("alpha,gamma,tau", [(0.0, 4, 1.0), (1.0, 4, 5.0), (0.5, 2, 1.75), (0.8, 3, 2.952)])
-def test_expected_tokens_per_call(alpha, gamma, tau):
-    assert expected_tokens_per_call(alpha, gamma) == pytest.approx(tau)
 
 
 def test_target_and_draft_from_directories(tiny_dir, tmp_path):
