@@ -2,6 +2,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "qmatmul.h"
 #include "verify.h"
 
 // Importing lightning_spec._C runs the static registrations below; the module itself is empty.
@@ -14,9 +15,16 @@ TORCH_LIBRARY(lightning_spec, m) {
   m.def(
       "verify_tree(Tensor candidates, Tensor parents, Tensor target_probs, Tensor? draft_probs, Tensor? uniforms, "
       "bool greedy) -> (Tensor accepted, Tensor num_accepted, Tensor next_token)");
+  m.def(
+      "quantized_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, str scheme, int group_size, "
+      "Tensor? bias) -> Tensor");
+  m.def("qmatmul_cpu_isa() -> str", [] { return lightning_spec::qmatmul_cpu_isa(); });
 }
 
-TORCH_LIBRARY_IMPL(lightning_spec, CPU, m) { m.impl("verify_tree", &lightning_spec::verify_tree_cpu); }
+TORCH_LIBRARY_IMPL(lightning_spec, CPU, m) {
+  m.impl("verify_tree", &lightning_spec::verify_tree_cpu);
+  m.impl("quantized_linear", &lightning_spec::quantized_linear_cpu);
+}
 
 #ifdef LIGHTNING_SPEC_WITH_CUDA
 TORCH_LIBRARY_IMPL(lightning_spec, CUDA, m) { m.impl("verify_tree", &lightning_spec::verify_tree_cuda); }

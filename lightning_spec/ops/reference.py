@@ -119,3 +119,18 @@ def verify_chain(draft_tokens, target_probs, draft_probs=None, *, greedy=False, 
     return run_chain(
         verify_tree_kernel, draft_tokens, target_probs, draft_probs, greedy=greedy, uniforms=uniforms, generator=generator
     )
+
+
+def quantized_linear(x, packed, scales, zeros=None, *, scheme, group_size=None, bias=None):
+    """Reference of lightning_spec.ops.quantized_linear: dequantize_weight, then F.linear in float64."""
+    from lightning_spec.ops.qmatmul import check_quantized_linear_args
+    from lightning_spec.quant.numerics import dequantize_weight, quantize_activation
+
+    check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size, bias)
+    weight = dequantize_weight(packed, scales, zeros, scheme=scheme, group_size=group_size).double()
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    if scheme == "w8a8":
+        codes, scale = quantize_activation(x2.float())
+        x2 = codes.double() * scale.double()[:, None]
+    y = torch.nn.functional.linear(x2, weight, bias.double() if bias is not None else None)
+    return y.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])

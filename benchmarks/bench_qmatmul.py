@@ -1,0 +1,128 @@
+"""quantized_linear (lightning_spec's CPU kernels) against fp32 / bf16 F.linear and torch's own int8/int4 CPU ops.
+
+Baselines: fp32 `F.linear` (the ratio the goals are set on), bf16 `F.linear`, `torch._weight_int8pack_mm` and
+`torch._weight_int4pack_mm_for_cpu` (group 32). Effective GB/s counts the packed weight bytes read once per call,
+beside a measured copy bandwidth (a 256 MiB tensor copy: bytes read + written). Median of many runs, ratios in one
+run, on however many threads torch uses (2 on the build machine).
+
+    python benchmarks/bench_qmatmul.py [--repeats 50] [--m 1 8] [--draft artifacts/smollm2_draft]
+
+With --draft (default: the demo's export, when present), also end to end: greedy decoding of the 4-layer SmolLM2
+draft in the engine (`target_generate` on the draft), fp32 against `quantize_model(..., exclude=())` (the tied
+head quantized too), tokens/s, and greedy agreement: how often the quantized draft's argmax is the fp32 draft's
+token along the fp32 draft's own output.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lightning_spec.decoding import target_generate
+from lightning_spec.models import load_model, load_tokenizer
+from lightning_spec.ops import quantized_linear
+from lightning_spec.quant import quantize_model, quantize_weight
+from lightning_spec.quant.numerics import quantize_codes
+
+SHAPES = [(1536, 576), (4096, 4096), (49152, 576), (11008, 4096)]
+
+
+def median_us(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def copy_bandwidth_gbs() -> float:
+    src = torch.empty(64 * 1024 * 1024, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / median_us(lambda: dst.copy_(src), 10) / 1e3
+
+
+def torch_int4_operands(w: torch.Tensor, group: int):
+    """The same int4 g32 codes in torch's CPU int4 layout (codes 0..15, scale and a float zero per group); only
+    timed, so the zero is left at 0."""
+    q, scales, _ = quantize_codes(w, "int4", group)
+    packed = torch._convert_weight_to_int4pack_for_cpu((q + 8).to(torch.int32), 1)
+    s = scales.t().contiguous()  # [K/g, N]
+    return packed, torch.stack([s, torch.zeros_like(s)], dim=-1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--draft", default="artifacts/smollm2_draft")
+    args = parser.parse_args()
+    print(f"quantized_linear, {torch.get_num_threads()} threads, kernels {torch.ops.lightning_spec.qmatmul_cpu_isa()}, "
+          f"copy bandwidth {copy_bandwidth_gbs():.1f} GB/s, median of {args.repeats}")
+    print(f"{'M':>3} {'N x K':>12} {'fp32 us':>9} {'bf16 us':>9} {'int8 us':>9} {'int4 us':>9} "
+          f"{'int8/fp32':>10} {'int4/fp32':>10} {'int8/torch':>11} {'int4/torch':>11} {'int8 GB/s':>10} {'int4 GB/s':>10}")
+    torch.manual_seed(0)
+    for M in args.m:
+        for N, K in SHAPES:
+            w, x = torch.randn(N, K) * 0.02, torch.randn(M, K)
+            wb, xb = w.bfloat16(), x.bfloat16()
+            p8, s8, _ = quantize_weight(w, "int8")
+            p4, s4, _ = quantize_weight(w, "int4", 32)
+            t = {
+                "fp32": median_us(lambda: F.linear(x, w), args.repeats),
+                "bf16": median_us(lambda: F.linear(xb, wb), args.repeats),
+                "int8": median_us(lambda: quantized_linear(x, p8, s8, scheme="int8"), args.repeats),
+                "int4": median_us(lambda: quantized_linear(x, p4, s4, scheme="int4", group_size=32), args.repeats),
+            }
+            torch8 = median_us(lambda: torch._weight_int8pack_mm(x, p8, s8), max(5, args.repeats // 5))
+            tp4, tsz = torch_int4_operands(w, 32)
+            torch4 = median_us(lambda: torch._weight_int4pack_mm_for_cpu(x, tp4, 32, tsz), max(5, args.repeats // 5))
+            bytes8 = p8.numel() + s8.numel() * 4
+            bytes4 = p4.numel() + s4.numel() * 4
+            print(f"{M:>3} {f'{N}x{K}':>12} {t['fp32']:>9.0f} {t['bf16']:>9.0f} {t['int8']:>9.0f} {t['int4']:>9.0f} "
+                  f"{t['fp32'] / t['int8']:>9.2f}x {t['fp32'] / t['int4']:>9.2f}x {torch8 / t['int8']:>10.1f}x {torch4 / t['int4']:>10.1f}x "
+                  f"{bytes8 / t['int8'] / 1e3:>10.1f} {bytes4 / t['int4'] / 1e3:>10.1f}")
+    print("goals at M=1: int8 >= 2.5x and int4 >= 4x fp32; both >= 5x torch's int8/int4 ops; at M=8: not slower than bf16")
+    if Path(args.draft).is_dir():
+        end_to_end(args.draft, args.repeats)
+
+
+def end_to_end(draft_dir: str, repeats: int, new_tokens: int = 48):
+    draft = load_model(draft_dir).eval()
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    prompts = ["Explain photosynthesis in two sentences.", "Write a short poem about the sea.", "What is a prime number?"]
+    ids = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
+                     return_tensors="pt")["input_ids"] for p in prompts]
+    runs = max(3, repeats // 10)
+    print(f"\nend to end: {draft_dir} greedy decoding, {len(prompts)} prompts x {new_tokens} tokens, median of {runs}")
+    print(f"{'model':<22}{'tok/s':>8}{'vs fp32':>9}{'greedy agreement':>18}")
+    reference_tokens, base = None, None
+    for name, scheme, group in [("fp32", None, None), ("int8", "int8", None), ("int4 g32", "int4", 32)]:
+        model = copy.deepcopy(draft)
+        if scheme:
+            quantize_model(model, scheme, group, exclude=())
+        rates, outputs = [], []
+        for _ in range(runs):
+            outs = [target_generate(model, i, new_tokens, eos_token_id=[]) for i in ids]
+            rates.append(sum(o.stats.new_tokens for o in outs) / sum(o.stats.wall_time for o in outs))
+            outputs = [o.tokens for o in outs]
+        rate = statistics.median(rates)
+        reference_tokens = reference_tokens or outputs
+        base = base or rate
+        # teacher-forced on the fp32 draft's own output: does the quantized draft pick the same next token?
+        with torch.no_grad():
+            hits = [(model(t).logits[0, i.shape[1] - 1 : -1].argmax(-1) == t[0, i.shape[1]:]).float().mean().item()
+                    for t, i in zip(reference_tokens, ids)]
+        print(f"{name:<22}{rate:>8.1f}{rate / base:>8.2f}x{statistics.mean(hits):>18.3f}")
+    print("goal: int4 g32 >= 2x fp32 tokens/s")
+
+
+if __name__ == "__main__":
+    main()

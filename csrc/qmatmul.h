@@ -1,0 +1,18 @@
+// Kernels of lightning_spec::quantized_linear (registered in ops.cpp); numerics in lightning_spec/quant/numerics.py.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+namespace lightning_spec {
+
+at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                                const std::optional<at::Tensor>& zeros, const std::string& scheme, int64_t group_size,
+                                const std::optional<at::Tensor>& bias);
+
+// Which CPU path quantized_linear takes: "avx512_vnni", "avx512" or "generic" (LIGHTNING_SPEC_QMATMUL_ISA=generic
+// forces the plain C++ path, for tests and machines without AVX-512).
+std::string qmatmul_cpu_isa();
+
+}  // namespace lightning_spec

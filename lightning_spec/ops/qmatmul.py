@@ -1,0 +1,40 @@
+"""quantized_linear on the compiled op lightning_spec::quantized_linear (numerics: lightning_spec.quant.numerics)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_spec.ops import _extension  # noqa: F401  (registers torch.ops.lightning_spec)
+from lightning_spec.quant.numerics import check_packed
+
+
+def check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size, bias) -> None:
+    if not isinstance(x, Tensor) or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() < 1:
+        raise ValueError(f"x must be a float32 or bfloat16 tensor [..., K], got {getattr(x, 'dtype', type(x))}")
+    if packed.device != x.device:
+        raise ValueError(f"packed is on {packed.device} but x is on {x.device}")
+    N = packed.shape[0]
+    check_packed(packed, scales, zeros, scheme, group_size, in_features=x.shape[-1])
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N or bias.device != x.device):
+        raise ValueError(f"bias must be [{N}] on {x.device}, got {list(bias.shape)} on {bias.device}")
+
+
+def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor] = None, *, scheme: str,
+                     group_size: Optional[int] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """y = x @ dequantize_weight(packed, scales, zeros)^T (+ bias), with x [..., K] float32 or bfloat16 -> [..., N].
+
+    "w8a8" also quantizes x per token (int8 codes, int32 accumulation). Compiled kernels stream the packed
+    weight for small batches (decode, verification) and dequantize once for large ones.
+
+    Example::
+
+        packed, scales, zeros = quantize_weight(linear.weight, "int4", group_size=32)
+        y = quantized_linear(x, packed, scales, zeros, scheme="int4", group_size=32, bias=linear.bias)
+    """
+    check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size, bias)
+    return torch.ops.lightning_spec.quantized_linear(x, packed, scales, zeros, scheme, group_size or 0, bias)
+
+
+@torch.library.register_fake("lightning_spec::quantized_linear")
+def _quantized_linear_fake(x, packed, scales, zeros, scheme, group_size, bias):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))

@@ -1,0 +1,151 @@
+"""The quantization numerics, defined once: what quantize_weight packs, what dequantize_weight and the kernels
+compute, and what the QAT fake quantizer reproduces.
+
+Schemes:
+  "int8"       weight-only, symmetric, per output channel: s = max|w| / 127.5, q = clamp(round(w / s), -128, 127)
+  "int4"       weight-only, symmetric, per group of 32/64/128 inputs: s = max|w| / 7.5, q = clamp(round(w / s), -8, 7)
+  "int4_asym"  weight-only, per group with a zero point: s = (max - min) / 15, z = clamp(round(-min / s), 0, 15),
+               q = clamp(round(w / s) + z, 0, 15)
+  "w8a8"       int8 weights as "int8", and activations quantized per token at run time the same way
+               (s_x = max|x| / 127.5), multiplied in int32
+The weight is (q - z) * s (z = 0 when symmetric). round is torch.round (half to even).
+
+Packed layouts (laid out for streaming kernels):
+  int8, w8a8       packed int8 [N, K]
+  int4, int4_asym  packed uint8 [N, K / 2]: each 32-input chunk is 16 bytes, byte j holding input j in its low
+                   nibble and input j + 16 in its high nibble; nibbles store q + 8 (int4) or q (int4_asym)
+  scales float32 [N] (per channel) or [N, K / group_size]; zeros uint8 [N, K / group_size] or None
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+SCHEMES = ("int8", "int4", "int4_asym", "w8a8")
+GROUP_SIZES = (32, 64, 128)
+_TINY = 1e-12  # an all-zero channel or group gets this scale: it quantizes to 0 and comes back as 0
+
+
+def check_scheme(scheme: str, group_size: Optional[int], in_features: Optional[int] = None, where: str = "") -> None:
+    """Raise ValueError unless (scheme, group_size) is valid for ``in_features`` inputs."""
+    at = f" ({where})" if where else ""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}{at}; choose one of {list(SCHEMES)}")
+    if scheme.startswith("int4"):
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"{scheme} needs group_size in {list(GROUP_SIZES)}{at}, got {group_size!r}")
+        if in_features is not None and in_features % group_size:
+            raise ValueError(f"{scheme}: in_features {in_features} is not divisible by group_size {group_size}{at}")
+    elif group_size is not None:
+        raise ValueError(f"{scheme} is per output channel: group_size must be None{at}, got {group_size!r}")
+
+
+def _grouped(w: Tensor, scheme: str, group_size: Optional[int]) -> Tensor:
+    """[N, groups, size] view in float32: one group per row for per-channel schemes."""
+    N, K = w.shape
+    size = group_size if scheme.startswith("int4") else K
+    return w.float().reshape(N, K // size, size)
+
+
+def quantize_codes(w: Tensor, scheme: str, group_size: Optional[int] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Integer codes q (int32 [N, K]), scales (float32 [N] or [N, groups]) and zero points (or None)."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"weight must be a floating-point [out_features, in_features] matrix, got {w.dtype} {list(w.shape)}")
+    check_scheme(scheme, group_size, w.shape[1])
+    g = _grouped(w, scheme, group_size)
+    if scheme == "int4_asym":
+        lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=_TINY)
+        zero = torch.clamp(torch.round(-lo / scale), 0, 15)
+        q = torch.clamp(torch.round(g / scale) + zero, 0, 15)
+    else:
+        qmin, qmax = (-8, 7) if scheme == "int4" else (-128, 127)
+        scale = (g.abs().amax(-1, keepdim=True) / ((qmax - qmin) / 2)).clamp(min=_TINY)
+        zero = None
+        q = torch.clamp(torch.round(g / scale), qmin, qmax)
+    N = w.shape[0]
+    scales = scale.reshape(N, -1)
+    scales = scales[:, 0].contiguous() if not scheme.startswith("int4") else scales.contiguous()
+    zeros = zero.reshape(N, -1).to(torch.uint8) if zero is not None else None
+    return q.reshape(w.shape).to(torch.int32), scales, zeros
+
+
+def fake_quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = None) -> Tensor:
+    """(q - z) * s in float32, what dequantize_weight(quantize_weight(w)) returns (no packing round trip)."""
+    q, scales, zeros = quantize_codes(w, scheme, group_size)
+    N, K = w.shape
+    s = scales.reshape(N, -1, 1)
+    z = zeros.reshape(N, -1, 1).float() if zeros is not None else 0.0
+    return ((q.reshape(N, s.shape[1], -1).float() - z) * s).reshape(N, K)
+
+
+def _pack_nibbles(u: Tensor) -> Tensor:
+    """uint nibbles [N, K] (values 0..15) -> uint8 [N, K/2] in the 32-input chunk layout."""
+    N, K = u.shape
+    chunks = u.to(torch.uint8).reshape(N, K // 32, 2, 16)
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def _unpack_nibbles(packed: Tensor) -> Tensor:
+    N, half = packed.shape
+    chunks = packed.reshape(N, half // 16, 1, 16)
+    return torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(N, half * 2)
+
+
+def quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Quantize a [N, K] weight: returns (packed, scales, zeros), zeros None when symmetric (see the layouts above)."""
+    q, scales, zeros = quantize_codes(w, scheme, group_size)
+    if scheme in ("int8", "w8a8"):
+        return q.to(torch.int8).contiguous(), scales, None
+    return _pack_nibbles(q + 8 if scheme == "int4" else q), scales, zeros
+
+
+def check_packed(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], scheme: str, group_size: Optional[int], in_features: Optional[int] = None) -> int:
+    """Validate a packed weight for ``scheme``; returns in_features (K)."""
+    check_scheme(scheme, group_size)
+    if packed.dim() != 2:
+        raise ValueError(f"packed must be a 2-D tensor, got {list(packed.shape)}")
+    N = packed.shape[0]
+    if scheme in ("int8", "w8a8"):
+        if packed.dtype != torch.int8:
+            raise ValueError(f"{scheme} packed weights are int8 [N, K], got {packed.dtype} (packed for another scheme?)")
+        K = packed.shape[1]
+        want_scales = (N,)
+    else:
+        if packed.dtype != torch.uint8:
+            raise ValueError(f"{scheme} packed weights are uint8 [N, K/2], got {packed.dtype} (packed for another scheme?)")
+        K = packed.shape[1] * 2
+        if K % group_size:
+            raise ValueError(f"{scheme}: K = {K} from packed is not divisible by group_size {group_size}")
+        want_scales = (N, K // group_size)
+    if scales.dtype != torch.float32 or tuple(scales.shape) != want_scales:
+        raise ValueError(f"{scheme} scales must be float32 {list(want_scales)}, got {scales.dtype} {list(scales.shape)} (another scheme or group size?)")
+    if scheme == "int4_asym":
+        if zeros is None or zeros.dtype != torch.uint8 or tuple(zeros.shape) != want_scales:
+            raise ValueError(f"int4_asym needs zeros uint8 {list(want_scales)}, got {None if zeros is None else (zeros.dtype, list(zeros.shape))}")
+    elif zeros is not None:
+        raise ValueError(f"{scheme} is symmetric: zeros must be None")
+    if in_features is not None and in_features != K:
+        raise ValueError(f"x has {in_features} input features but the packed weight has K = {K}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is not None and t.device != packed.device:
+            raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
+    return K
+
+
+def dequantize_weight(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], *, scheme: str, group_size: Optional[int] = None) -> Tensor:
+    """The float32 [N, K] weight that packed codes stand for: (q - z) * s."""
+    K = check_packed(packed, scales, zeros, scheme, group_size)
+    N = packed.shape[0]
+    if scheme in ("int8", "w8a8"):
+        return packed.float() * scales[:, None]
+    q = _unpack_nibbles(packed).float() - (8 if scheme == "int4" else 0)
+    z = zeros.float()[:, :, None] if zeros is not None else 0.0
+    return ((q.reshape(N, -1, group_size) - z) * scales[:, :, None]).reshape(N, K)
+
+
+def quantize_activation(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """w8a8's dynamic per-token activation quantization: (int8 codes [M, K], float32 scales [M])."""
+    x = x.float()
+    scale = (x.abs().amax(-1) / 127.5).clamp(min=_TINY)
+    return torch.clamp(torch.round(x / scale[:, None]), -128, 127).to(torch.int8), scale

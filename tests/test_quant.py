@@ -1,0 +1,158 @@
+"""Quantization numerics, the compiled quantized_linear against its float64 reference (both CPU paths), QuantizedLinear,
+quantize_model, torch.compile, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_spec.ops import active_implementation, quantized_linear, reference
+from lightning_spec.quant import QuantizedLinear, dequantize_weight, fake_quantize_weight, quantize_model, quantize_weight
+from lightning_spec.quant.numerics import quantize_codes
+
+SCHEMES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("int4_asym", 32), ("int4_asym", 128), ("w8a8", None)]
+
+
+@pytest.fixture(params=["simd", "generic"])
+def isa(request, monkeypatch):
+    if request.param == "generic":
+        monkeypatch.setenv("LIGHTNING_SPEC_QMATMUL_ISA", "generic")
+    else:
+        monkeypatch.delenv("LIGHTNING_SPEC_QMATMUL_ISA", raising=False)
+    return request.param
+
+
+def close(got, want, K):
+    torch.testing.assert_close(got.double(), want.double(), rtol=2e-4, atol=2e-5 * K**0.5)
+
+
+def test_compiled_op_is_in_use():
+    assert active_implementation("quantized_linear") == "compiled"
+    assert torch.ops.lightning_spec.qmatmul_cpu_isa() in ("avx512_vnni", "avx512", "generic")
+
+
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+def test_numerics(scheme, group):
+    w = torch.randn(48, 256) * torch.rand(48, 1) * 3
+    w[0] = 0  # an all-zero channel comes back as zeros
+    packed, scales, zeros = quantize_weight(w, scheme, group)
+    deq = dequantize_weight(packed, scales, zeros, scheme=scheme, group_size=group)
+    assert torch.equal(deq, fake_quantize_weight(w, scheme, group))
+    assert torch.equal(deq[0], torch.zeros(256))
+    q, _, _ = quantize_codes(w, scheme, group)
+    lo, hi = {"int8": (-128, 127), "w8a8": (-128, 127), "int4": (-8, 7), "int4_asym": (0, 15)}[scheme]
+    assert q.min() >= lo and q.max() <= hi
+    step = scales if scales.dim() == 1 else scales.repeat_interleave(group, dim=1)
+    assert ((deq - w).abs() <= (step[:, None] if step.dim() == 1 else step) * 0.5 + 1e-6).all()
+
+
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+@pytest.mark.parametrize("M", [1, 3, 8, 64, 512])
+@pytest.mark.parametrize("N,K", [(576, 576), (1536, 576), (576, 1536), (37, 4096)])
+def test_matches_reference(isa, scheme, group, M, N, K):
+    if isa == "generic" and M * N * K > 2e8:
+        pytest.skip("the plain C++ path is checked on the smaller problems")
+    if group and K % group:
+        pytest.skip(f"K={K} is not a multiple of group {group} (its error is tested below)")
+    g = torch.Generator().manual_seed(M + N + K)
+    w, x, bias = torch.randn(N, K, generator=g) * 0.05, torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+    packed, scales, zeros = quantize_weight(w, scheme, group)
+    for b in (None, bias):
+        got = quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group, bias=b)
+        close(got, reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group, bias=b), K)
+
+
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+def test_big_vocabulary_head_odd_sizes_views_and_bf16(isa, scheme, group):
+    g = torch.Generator().manual_seed(1)
+    K = 96 if group in (None, 32) else 2 * group  # int8: a K with a 16-lane tail
+    K = 100 if scheme in ("int8", "w8a8") else K
+    for N, M in [(49152, 1), (49152, 3), (7, 5)]:
+        w, x = torch.randn(N, K, generator=g) * 0.05, torch.randn(K, M, generator=g).t()  # non-contiguous x
+        packed, scales, zeros = quantize_weight(w, scheme, group)
+        close(quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group),
+              reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group), K)
+    xb = torch.randn(2, 3, K, generator=g).bfloat16()  # batched, bf16
+    got = quantized_linear(xb, packed, scales, zeros, scheme=scheme, group_size=group)
+    want = reference.quantized_linear(xb, packed, scales, zeros, scheme=scheme, group_size=group)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 7)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+def test_quantized_linear_module(tmp_path, scheme, group):
+    linear = torch.nn.Linear(128, 40)
+    layer = QuantizedLinear.from_float(linear, scheme, group)
+    x = torch.randn(4, 128)
+    fake = F.linear(x, fake_quantize_weight(linear.weight.detach(), scheme, group), linear.bias)
+    if scheme == "w8a8":
+        fake = reference.quantized_linear(x, layer.packed, layer.scales, layer.zeros, scheme=scheme, bias=layer.bias)
+    close(layer(x), fake, 128)
+    torch.save(layer.state_dict(), tmp_path / "q.pt")
+    fresh = QuantizedLinear(128, 40, scheme=scheme, group_size=group)
+    fresh.load_state_dict(torch.load(tmp_path / "q.pt"))
+    assert torch.equal(fresh(x), layer(x))
+    assert all(k in layer.state_dict() for k in ("packed", "scales", "bias"))
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_quantize_model_report_and_patterns():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    report = quantize_model(model, "int4", 32)
+    assert len(report["quantized"]) == 14 and report["skipped"] == ["lm_head"]
+    assert report["bytes_after"] < report["bytes_before"] / 5
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantizedLinear) and isinstance(model.lm_head, torch.nn.Linear)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.5
+    only_mlp = quantize_model(tiny_llama(), "int8", None, include=["mlp"], exclude=())
+    assert only_mlp["quantized"] and all(".mlp." in n for n in only_mlp["quantized"])
+
+
+def test_quantized_model_compiles():
+    model = tiny_llama()
+    quantize_model(model, "int4", 32)
+    compiled = torch.compile(model.model.layers[0].mlp, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model.model.layers[0].mlp(x))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda w, x: quantize_weight(w, "int3"), "unknown quantization scheme"),
+        (lambda w, x: quantize_weight(w, "int4", 48), "group_size"),
+        (lambda w, x: quantize_weight(w[:, :80], "int4", 64), "not divisible"),
+        (lambda w, x: quantize_weight(w, "int8", 32), "group_size must be None"),
+        (lambda w, x: quantized_linear(x, *quantize_weight(w, "int8"), scheme="int4", group_size=32), "packed for another scheme"),
+        (lambda w, x: quantized_linear(x, *quantize_weight(w, "int4", 32), scheme="int4", group_size=64), "scales must be"),
+        (lambda w, x: quantized_linear(x, *quantize_weight(w, "int4", 32)[:2], scheme="int4_asym", group_size=32), "needs zeros"),
+        (lambda w, x: quantized_linear(x[:, :64], *quantize_weight(w, "int8"), scheme="int8"), "input features"),
+        (lambda w, x: quantized_linear(x.double(), *quantize_weight(w, "int8"), scheme="int8"), "x must be"),
+        (lambda w, x: quantized_linear(x, *quantize_weight(w, "int8"), scheme="int8", bias=torch.zeros(3)), "bias"),
+        (lambda w, x: quantize_model(tiny_llama(), "int4", 32, include=["nothing_here"]), "matches no nn.Linear"),
+        (lambda w, x: QuantizedLinear(100, 8, scheme="int4", group_size=32), "not divisible"),
+    ],
+)
+def test_bad_input_is_named(call, match):
+    w, x = torch.randn(16, 128), torch.randn(2, 128)
+    with pytest.raises(ValueError, match=match):
+        call(w, x)
+
+
+def test_compiled_kernel_checks_too():
+    w, x = torch.randn(16, 128), torch.randn(2, 128)
+    packed, scales, _ = quantize_weight(w, "int8")
+    with pytest.raises(RuntimeError, match="int4 packed weights must be uint8"):
+        torch.ops.lightning_spec.quantized_linear(x, packed, scales, None, "int4", 32, None)
+    with pytest.raises(RuntimeError, match="unknown scheme"):
+        torch.ops.lightning_spec.quantized_linear(x, packed, scales, None, "fp8", 0, None)
