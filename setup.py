@@ -16,7 +16,7 @@ sources = [str(CSRC / "ops.cpp"), str(CSRC / "verify.cpp"), str(CSRC / "qmatmul.
 if torch.cuda.is_available() and CUDA_HOME is not None:
     extension = CUDAExtension(
         "lightning_spec._C",
-        sources + [str(CSRC / "verify_cuda.cpp"), str(CSRC / "verify.cu")],
+        sources + [str(CSRC / f) for f in ("verify_cuda.cpp", "verify.cu", "qmatmul_cuda.cpp", "qmatmul.cu")],
         define_macros=[("LIGHTNING_SPEC_WITH_CUDA", None)],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "--fmad=false"]},
         extra_link_args=["-lgomp"],

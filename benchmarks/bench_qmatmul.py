@@ -5,7 +5,7 @@ Baselines: fp32 `F.linear` (the ratio the goals are set on), bf16 `F.linear`, `t
 beside a measured copy bandwidth (a 256 MiB tensor copy: bytes read + written). Median of many runs, ratios in one
 run, on however many threads torch uses (2 on the build machine).
 
-    python benchmarks/bench_qmatmul.py [--repeats 50] [--m 1 8] [--draft artifacts/smollm2_draft]
+    python benchmarks/bench_qmatmul.py [--repeats 50] [--m 1 8] [--draft artifacts/smollm2_draft] [--device cuda]
 
 With --draft (default: the demo's export, when present), also end to end: greedy decoding of the 4-layer SmolLM2
 draft in the engine (`target_generate` on the draft), fp32 against `quantize_model(..., exclude=())` (the tied
@@ -32,21 +32,24 @@ from lightning_spec.quant.numerics import quantize_codes
 SHAPES = [(1536, 576), (4096, 4096), (49152, 576), (11008, 4096)]
 
 
-def median_us(fn, repeats: int) -> float:
+def median_us(fn, repeats: int, device: str = "cpu") -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
 
 
-def copy_bandwidth_gbs() -> float:
-    src = torch.empty(64 * 1024 * 1024, dtype=torch.float32).fill_(1.0)
+def copy_bandwidth_gbs(device: str = "cpu") -> float:
+    src = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / median_us(lambda: dst.copy_(src), 10) / 1e3
+    return 2 * src.numel() * 4 / median_us(lambda: dst.copy_(src), 10, device) / 1e3
 
 
 def torch_int4_operands(w: torch.Tensor, group: int):
@@ -63,34 +66,40 @@ def main():
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--m", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--draft", default="artifacts/smollm2_draft")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    print(f"quantized_linear, {torch.get_num_threads()} threads, kernels {torch.ops.lightning_spec.qmatmul_cpu_isa()}, "
-          f"copy bandwidth {copy_bandwidth_gbs():.1f} GB/s, median of {args.repeats}")
+    dev = args.device
+    where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads, kernels {torch.ops.lightning_spec.qmatmul_cpu_isa()}"
+    print(f"quantized_linear on {where}, copy bandwidth {copy_bandwidth_gbs(dev):.1f} GB/s, median of {args.repeats}")
     print(f"{'M':>3} {'N x K':>12} {'fp32 us':>9} {'bf16 us':>9} {'int8 us':>9} {'int4 us':>9} "
-          f"{'int8/fp32':>10} {'int4/fp32':>10} {'int8/torch':>11} {'int4/torch':>11} {'int8 GB/s':>10} {'int4 GB/s':>10}")
+          f"{'int8/fp32':>10} {'int4/fp32':>10} {'int8/bf16':>10} {'int4/bf16':>10} {'int8/torch':>11} {'int4/torch':>11} {'int8 GB/s':>10} {'int4 GB/s':>10}")
     torch.manual_seed(0)
     for M in args.m:
         for N, K in SHAPES:
             w, x = torch.randn(N, K) * 0.02, torch.randn(M, K)
-            wb, xb = w.bfloat16(), x.bfloat16()
             p8, s8, _ = quantize_weight(w, "int8")
             p4, s4, _ = quantize_weight(w, "int4", 32)
-            t = {
-                "fp32": median_us(lambda: F.linear(x, w), args.repeats),
-                "bf16": median_us(lambda: F.linear(xb, wb), args.repeats),
-                "int8": median_us(lambda: quantized_linear(x, p8, s8, scheme="int8"), args.repeats),
-                "int4": median_us(lambda: quantized_linear(x, p4, s4, scheme="int4", group_size=32), args.repeats),
-            }
-            torch8 = median_us(lambda: torch._weight_int8pack_mm(x, p8, s8), max(5, args.repeats // 5))
             tp4, tsz = torch_int4_operands(w, 32)
-            torch4 = median_us(lambda: torch._weight_int4pack_mm_for_cpu(x, tp4, 32, tsz), max(5, args.repeats // 5))
+            w, x, p8, s8, p4, s4 = (t.to(dev) for t in (w, x, p8, s8, p4, s4))
+            wb, xb = w.bfloat16(), x.bfloat16()
+            t = {
+                "fp32": median_us(lambda: F.linear(x, w), args.repeats, dev),
+                "bf16": median_us(lambda: F.linear(xb, wb), args.repeats, dev),
+                "int8": median_us(lambda: quantized_linear(x, p8, s8, scheme="int8"), args.repeats, dev),
+                "int4": median_us(lambda: quantized_linear(x, p4, s4, scheme="int4", group_size=32), args.repeats, dev),
+            }
+            versus_torch = "            -           -"
+            if dev == "cpu":  # torch's packed int8/int4 CPU ops
+                torch8 = median_us(lambda: torch._weight_int8pack_mm(x, p8, s8), max(5, args.repeats // 5))
+                torch4 = median_us(lambda: torch._weight_int4pack_mm_for_cpu(x, tp4, 32, tsz), max(5, args.repeats // 5))
+                versus_torch = f"{torch8 / t['int8']:>10.1f}x {torch4 / t['int4']:>10.1f}x"
             bytes8 = p8.numel() + s8.numel() * 4
             bytes4 = p4.numel() + s4.numel() * 4
             print(f"{M:>3} {f'{N}x{K}':>12} {t['fp32']:>9.0f} {t['bf16']:>9.0f} {t['int8']:>9.0f} {t['int4']:>9.0f} "
-                  f"{t['fp32'] / t['int8']:>9.2f}x {t['fp32'] / t['int4']:>9.2f}x {torch8 / t['int8']:>10.1f}x {torch4 / t['int4']:>10.1f}x "
-                  f"{bytes8 / t['int8'] / 1e3:>10.1f} {bytes4 / t['int4'] / 1e3:>10.1f}")
+                  f"{t['fp32'] / t['int8']:>9.2f}x {t['fp32'] / t['int4']:>9.2f}x {t['bf16'] / t['int8']:>9.2f}x {t['bf16'] / t['int4']:>9.2f}x "
+                  f"{versus_torch} {bytes8 / t['int8'] / 1e3:>10.1f} {bytes4 / t['int4'] / 1e3:>10.1f}")
     print("goals at M=1: int8 >= 2.5x and int4 >= 4x fp32; both >= 5x torch's int8/int4 ops; at M=8: not slower than bf16")
-    if Path(args.draft).is_dir():
+    if dev == "cpu" and Path(args.draft).is_dir():
         end_to_end(args.draft, args.repeats)
 
 

@@ -27,5 +27,8 @@ TORCH_LIBRARY_IMPL(lightning_spec, CPU, m) {
 }
 
 #ifdef LIGHTNING_SPEC_WITH_CUDA
-TORCH_LIBRARY_IMPL(lightning_spec, CUDA, m) { m.impl("verify_tree", &lightning_spec::verify_tree_cuda); }
+TORCH_LIBRARY_IMPL(lightning_spec, CUDA, m) {
+  m.impl("verify_tree", &lightning_spec::verify_tree_cuda);
+  m.impl("quantized_linear", &lightning_spec::quantized_linear_cuda);
+}
 #endif

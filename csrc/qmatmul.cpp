@@ -5,6 +5,7 @@
 // OpenMP splits the output channels. Large M is compute-bound: dequantize once and let ATen's GEMM run.
 // Paths: AVX-512 (F+BW; VNNI for w8a8's int16 dot) chosen at run time, and plain C++ for any other x86/ARM CPU.
 #include "qmatmul.h"
+#include "qmatmul_checks.h"
 
 #include <immintrin.h>
 
@@ -18,16 +19,6 @@ namespace lightning_spec {
 namespace {
 
 constexpr int64_t kStreamRows = 16;
-
-enum class Scheme { kInt8, kInt4, kInt4Asym, kW8A8 };
-
-Scheme parse_scheme(const std::string& scheme) {
-  if (scheme == "int8") return Scheme::kInt8;
-  if (scheme == "int4") return Scheme::kInt4;
-  if (scheme == "int4_asym") return Scheme::kInt4Asym;
-  if (scheme == "w8a8") return Scheme::kW8A8;
-  TORCH_CHECK(false, "quantized_linear: unknown scheme '", scheme, "' (int8, int4, int4_asym, w8a8)");
-}
 
 struct Problem {
   const float* x;      // [M, K] fp32
@@ -262,43 +253,10 @@ std::string qmatmul_cpu_isa() {
 at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                                 const std::optional<at::Tensor>& zeros, const std::string& scheme_name,
                                 int64_t group_size, const std::optional<at::Tensor>& bias) {
-  const Scheme scheme = parse_scheme(scheme_name);
+  Scheme scheme;
+  int64_t N, K;
+  std::tie(scheme, N, K) = check_quantized_linear_args(x, packed, scales, zeros, scheme_name, group_size, bias);
   const bool grouped = scheme == Scheme::kInt4 || scheme == Scheme::kInt4Asym;
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "quantized_linear: x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1, "quantized_linear: x must have at least one dimension");
-  for (const auto* t : {&packed, &scales})
-    TORCH_CHECK(t->device() == x.device(), "quantized_linear: packed weights and scales must be on x's device ", x.device());
-  TORCH_CHECK(packed.dim() == 2, "quantized_linear: packed must be 2-D, got ", packed.sizes());
-  TORCH_CHECK(packed.scalar_type() == (grouped ? at::kByte : at::kChar), "quantized_linear: ", scheme_name,
-              " packed weights must be ", grouped ? "uint8 [N, K/2]" : "int8 [N, K]", ", got ", packed.scalar_type(),
-              " (packed for another scheme?)");
-  const int64_t N = packed.size(0);
-  const int64_t K = grouped ? packed.size(1) * 2 : packed.size(1);
-  TORCH_CHECK(x.size(-1) == K, "quantized_linear: x has ", x.size(-1), " input features, the packed weight has K = ", K);
-  if (grouped) {
-    TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128,
-                "quantized_linear: group_size must be 32, 64 or 128 for ", scheme_name, ", got ", group_size);
-    TORCH_CHECK(K % group_size == 0, "quantized_linear: K = ", K, " is not divisible by group_size ", group_size);
-  } else {
-    TORCH_CHECK(group_size == 0, "quantized_linear: ", scheme_name, " is per channel; group_size must be None");
-  }
-  const std::vector<int64_t> scale_shape = grouped ? std::vector<int64_t>{N, K / group_size} : std::vector<int64_t>{N};
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.sizes() == at::IntArrayRef(scale_shape),
-              "quantized_linear: scales must be float32 ", at::IntArrayRef(scale_shape), ", got ", scales.scalar_type(), " ",
-              scales.sizes());
-  if (scheme == Scheme::kInt4Asym) {
-    TORCH_CHECK(zeros.has_value() && zeros->scalar_type() == at::kByte && zeros->sizes() == at::IntArrayRef(scale_shape) &&
-                    zeros->device() == x.device(),
-                "quantized_linear: int4_asym needs zeros uint8 ", at::IntArrayRef(scale_shape), " on x's device");
-  } else {
-    TORCH_CHECK(!zeros.has_value(), "quantized_linear: ", scheme_name, " is symmetric; zeros must be None");
-  }
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device() == x.device(),
-                "quantized_linear: bias must be [", N, "] on x's device, got ", bias->sizes());
-  }
-
   const auto x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
   const auto w = packed.contiguous();

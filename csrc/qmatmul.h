@@ -11,6 +11,10 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
                                 const std::optional<at::Tensor>& zeros, const std::string& scheme, int64_t group_size,
                                 const std::optional<at::Tensor>& bias);
 
+at::Tensor quantized_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                                 const std::optional<at::Tensor>& zeros, const std::string& scheme, int64_t group_size,
+                                 const std::optional<at::Tensor>& bias);
+
 // Which CPU path quantized_linear takes: "avx512_vnni", "avx512" or "generic" (LIGHTNING_SPEC_QMATMUL_ISA=generic
 // forces the plain C++ path, for tests and machines without AVX-512).
 std::string qmatmul_cpu_isa();

@@ -156,3 +156,18 @@ def test_compiled_kernel_checks_too():
         torch.ops.lightning_spec.quantized_linear(x, packed, scales, None, "int4", 32, None)
     with pytest.raises(RuntimeError, match="unknown scheme"):
         torch.ops.lightning_spec.quantized_linear(x, packed, scales, None, "fp8", 0, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+@pytest.mark.parametrize("M", [1, 8, 64])
+def test_cuda_matches_reference(scheme, group, M):
+    g = torch.Generator().manual_seed(M)
+    N, K = 1536, 512
+    w, x, bias = torch.randn(N, K, generator=g) * 0.05, torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+    packed, scales, zeros = quantize_weight(w, scheme, group)
+    want = reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group, bias=bias)
+    cuda = [t.cuda() if t is not None else None for t in (x, packed, scales, zeros, bias)]
+    got = quantized_linear(cuda[0], *cuda[1:4], scheme=scheme, group_size=group, bias=cuda[4])
+    assert got.is_cuda
+    close(got.cpu(), want, K)
