@@ -100,16 +100,31 @@ LS_AVX512 void int8_tile(const Problem& p, int64_t n, int64_t m) {
     }
 }
 
+// sum over groups of s_g * z_g * xsum_g: the zero points' share of one output, 16 groups per step.
+template <bool kAsym>
+LS_AVX512 float zero_dot(const float* scales, const uint8_t* zeros, const float* xsum, int64_t groups) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= groups; g += 16) {
+    const __m512 z = kAsym ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + g))))
+                           : _mm512_set1_ps(8.f);
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(scales + g), z), _mm512_loadu_ps(xsum + g), acc);
+  }
+  float total = hsum(acc);
+  for (; g < groups; ++g) total += scales[g] * (kAsym ? float(zeros[g]) : 8.f) * xsum[g];
+  return total;
+}
+
 // int4 (symmetric or with zero points), K a multiple of the group size (itself a multiple of 32). The zero point
 // is taken out of the inner loop: sum x (q - z) = sum x q - z sum x, with the group sums of x (xsum) made once per
-// call (scalar work per group), so each 32-weight chunk costs two widenings, two conversions and two FMAs per row.
+// call and applied once per output (zero_dot), so each 32-weight chunk costs two widenings, two conversions and
+// two FMAs per row.
 template <int NR, int MR, bool kAsym>
 LS_AVX512 void int4_tile(const Problem& p, int64_t n, int64_t m) {
   const uint8_t* w = static_cast<const uint8_t*>(p.w);
   const int64_t groups = p.K / p.group, half = p.K / 2;
   const __m128i low = _mm_set1_epi8(0x0F);
   __m512 acc[NR][MR];
-  float zero_part[NR][MR] = {};
   for (int i = 0; i < NR; ++i)
     for (int r = 0; r < MR; ++r) acc[i][r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -130,17 +145,15 @@ LS_AVX512 void int4_tile(const Problem& p, int64_t n, int64_t m) {
       }
     }
     for (int i = 0; i < NR; ++i) {
-      const float s = p.scales[(n + i) * groups + g];
-      const float z = kAsym ? float(p.zeros[(n + i) * groups + g]) : 8.f;
-      const __m512 sv = _mm512_set1_ps(s);
-      for (int r = 0; r < MR; ++r) {
-        acc[i][r] = _mm512_fmadd_ps(gacc[i][r], sv, acc[i][r]);
-        zero_part[i][r] += s * z * p.xsum[(m + r) * groups + g];
-      }
+      const __m512 sv = _mm512_set1_ps(p.scales[(n + i) * groups + g]);
+      for (int r = 0; r < MR; ++r) acc[i][r] = _mm512_fmadd_ps(gacc[i][r], sv, acc[i][r]);
     }
   }
   for (int i = 0; i < NR; ++i)
-    for (int r = 0; r < MR; ++r) p.y[(m + r) * p.N + n + i] = hsum(acc[i][r]) - zero_part[i][r];
+    for (int r = 0; r < MR; ++r)
+      p.y[(m + r) * p.N + n + i] =
+          hsum(acc[i][r]) - zero_dot<kAsym>(p.scales + (n + i) * groups, p.zeros ? p.zeros + (n + i) * groups : nullptr,
+                                            p.xsum + (m + r) * groups, groups);
 }
 
 // w8a8: int16-widened codes, 32 products per step summed pairwise into int32: vpmaddwd + add, or VNNI's fused
