@@ -3,11 +3,14 @@
 // Small M (decode and verification batches, M <= kStreamRows): the weight is streamed once; each tile of NR
 // output channels x MR rows keeps NR*MR accumulators, and each weight chunk is widened once for all MR rows.
 // OpenMP splits the output channels. Large M is compute-bound: dequantize once and let ATen's GEMM run.
-// Paths: AVX-512 (F+BW; VNNI for w8a8's int16 dot) chosen at run time, and plain C++ for any other x86/ARM CPU.
+// Paths, chosen at run time: AVX-512 (F+BW; VNNI for w8a8's int16 dot), AVX2+FMA, and plain C++ for any other CPU.
 #include "qmatmul.h"
 #include "qmatmul_checks.h"
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#define LS_X86 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -68,6 +71,9 @@ void generic_rows(const Problem& p, Scheme scheme, int64_t n0, int64_t n1) {
   }
 }
 
+enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Vnni };
+
+#ifdef LS_X86
 // ---------------------------------------------------------------- AVX-512
 
 #define LS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
@@ -188,48 +194,167 @@ LS_AVX512 void int4_tile(const Problem& p, int64_t n, int64_t m) {
 LS_W8A8_TILE(w8a8_tile_madd, LS_AVX512, LS_MADD_STEP)
 LS_W8A8_TILE(w8a8_tile_vnni, LS_AVX512_VNNI, LS_VNNI_STEP)
 
+// ---------------------------------------------------------------- AVX2 (8 lanes; for CPUs without AVX-512)
+
+#define LS_AVX2 __attribute__((target("avx2,fma")))
+
+LS_AVX2 inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+LS_AVX2 inline int32_t hsum8i(__m256i v) {
+  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+}
+
 template <int NR, int MR>
-void run_tile(const Problem& p, Scheme scheme, bool vnni, int64_t n, int64_t m) {
+LS_AVX2 void int8_tile_avx2(const Problem& p, int64_t n, int64_t m) {
+  const int8_t* w = static_cast<const int8_t*>(p.w);
+  __m256 acc[NR][MR];
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= p.K; k += 8) {
+    __m256 xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_ps(p.x + (m + r) * p.K + k);
+    for (int i = 0; i < NR; ++i) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + (n + i) * p.K + k));
+      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+      for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_fmadd_ps(xv[r], wv, acc[i][r]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r) {
+      float tail = 0.f;
+      for (int64_t t = k; t < p.K; ++t) tail += p.x[(m + r) * p.K + t] * float(w[(n + i) * p.K + t]);
+      p.y[(m + r) * p.N + n + i] = (hsum8(acc[i][r]) + tail) * p.scales[n + i];
+    }
+}
+
+template <int NR, int MR, bool kAsym>
+LS_AVX2 void int4_tile_avx2(const Problem& p, int64_t n, int64_t m) {
+  const uint8_t* w = static_cast<const uint8_t*>(p.w);
+  const int64_t groups = p.K / p.group, half = p.K / 2;
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256 acc[NR][MR];
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 gacc[NR][MR];
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < MR; ++r) gacc[i][r] = _mm256_setzero_ps();
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 32) {
+      for (int i = 0; i < NR; ++i) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + i) * half + k / 2));
+        const __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        for (int r = 0; r < MR; ++r) {
+          const float* x = p.x + (m + r) * p.K + k;
+          __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(x), w0, gacc[i][r]);
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), w1, a);
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16), w2, a);
+          gacc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), w3, a);
+        }
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      const __m256 sv = _mm256_set1_ps(p.scales[(n + i) * groups + g]);
+      for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_fmadd_ps(gacc[i][r], sv, acc[i][r]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r) {
+      float zero = 0.f;
+      for (int64_t g = 0; g < groups; ++g)
+        zero += p.scales[(n + i) * groups + g] * (kAsym ? float(p.zeros[(n + i) * groups + g]) : 8.f) * p.xsum[(m + r) * groups + g];
+      p.y[(m + r) * p.N + n + i] = hsum8(acc[i][r]) - zero;
+    }
+}
+
+template <int NR, int MR>
+LS_AVX2 void w8a8_tile_avx2(const Problem& p, int64_t n, int64_t m) {
+  const int8_t* w = static_cast<const int8_t*>(p.w);
+  __m256i acc[NR][MR];
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 16 <= p.K; k += 16) {
+    __m256i xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m + r) * p.K + k));
+    for (int i = 0; i < NR; ++i) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + i) * p.K + k)));
+      for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_add_epi32(acc[i][r], _mm256_madd_epi16(xv[r], wv));
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r) {
+      int32_t total = hsum8i(acc[i][r]);
+      for (int64_t t = k; t < p.K; ++t) total += int32_t(p.xq[(m + r) * p.K + t]) * int32_t(w[(n + i) * p.K + t]);
+      p.y[(m + r) * p.N + n + i] = float(total) * p.xs[m + r] * p.scales[n + i];
+    }
+}
+
+// ---------------------------------------------------------------- dispatch
+
+template <int NR, int MR>
+void run_tile(const Problem& p, Scheme scheme, Isa isa, int64_t n, int64_t m) {
+  if (isa == Isa::kAvx2) {
+    switch (scheme) {
+      case Scheme::kInt8: return int8_tile_avx2<NR, MR>(p, n, m);
+      case Scheme::kInt4: return int4_tile_avx2<NR, MR, false>(p, n, m);
+      case Scheme::kInt4Asym: return int4_tile_avx2<NR, MR, true>(p, n, m);
+      case Scheme::kW8A8: return w8a8_tile_avx2<NR, MR>(p, n, m);
+    }
+  }
   switch (scheme) {
     case Scheme::kInt8: return int8_tile<NR, MR>(p, n, m);
     case Scheme::kInt4: return int4_tile<NR, MR, false>(p, n, m);
     case Scheme::kInt4Asym: return int4_tile<NR, MR, true>(p, n, m);
-    case Scheme::kW8A8: return vnni ? w8a8_tile_vnni<NR, MR>(p, n, m) : w8a8_tile_madd<NR, MR>(p, n, m);
+    case Scheme::kW8A8: return isa == Isa::kAvx512Vnni ? w8a8_tile_vnni<NR, MR>(p, n, m) : w8a8_tile_madd<NR, MR>(p, n, m);
   }
 }
 
 template <int NR>
-void run_rows(const Problem& p, Scheme scheme, bool vnni, int64_t n) {
+void run_rows(const Problem& p, Scheme scheme, Isa isa, int64_t n) {
   int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) run_tile<NR, 4>(p, scheme, vnni, n, m);
+  for (; m + 4 <= p.M; m += 4) run_tile<NR, 4>(p, scheme, isa, n, m);
   switch (p.M - m) {
-    case 3: return run_tile<NR, 3>(p, scheme, vnni, n, m);
-    case 2: return run_tile<NR, 2>(p, scheme, vnni, n, m);
-    case 1: return run_tile<NR, 1>(p, scheme, vnni, n, m);
+    case 3: return run_tile<NR, 3>(p, scheme, isa, n, m);
+    case 2: return run_tile<NR, 2>(p, scheme, isa, n, m);
+    case 1: return run_tile<NR, 1>(p, scheme, isa, n, m);
     default: return;
   }
 }
 
-void avx512_rows(const Problem& p, Scheme scheme, bool vnni, int64_t n0, int64_t n1) {
+void simd_rows(const Problem& p, Scheme scheme, Isa isa, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) run_rows<4>(p, scheme, vnni, n);
-  for (; n < n1; ++n) run_rows<1>(p, scheme, vnni, n);
+  for (; n + 4 <= n1; n += 4) run_rows<4>(p, scheme, isa, n);
+  for (; n < n1; ++n) run_rows<1>(p, scheme, isa, n);
 }
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
-  return has;
-}
+#endif  // LS_X86
 
-bool cpu_has_vnni() {
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
-  return has;
-}
-
-bool generic_forced() {
-  const char* isa = std::getenv("LIGHTNING_SPEC_QMATMUL_ISA");
-  return isa != nullptr && std::strcmp(isa, "generic") == 0;
+// The best path this CPU has; LIGHTNING_SPEC_QMATMUL_ISA=generic|avx2|avx512 caps it (for tests).
+Isa select_isa() {
+#ifndef LS_X86
+  return Isa::kGeneric;
+#else
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  static const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+  const char* cap = std::getenv("LIGHTNING_SPEC_QMATMUL_ISA");
+  const std::string limit = cap ? cap : "";
+  if (limit == "generic" || !avx2) return Isa::kGeneric;
+  if (limit == "avx2" || !avx512) return Isa::kAvx2;
+  return vnni && limit != "avx512" ? Isa::kAvx512Vnni : Isa::kAvx512;
+#endif
 }
 
 // The dequantized fp32 weight (large M), with the same formulas as the streaming kernels.
@@ -259,8 +384,12 @@ at::Tensor dequantize(const Problem& p, Scheme scheme) {
 }  // namespace
 
 std::string qmatmul_cpu_isa() {
-  if (generic_forced() || !cpu_has_avx512()) return "generic";
-  return cpu_has_vnni() ? "avx512_vnni" : "avx512";
+  switch (select_isa()) {
+    case Isa::kAvx512Vnni: return "avx512_vnni";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
 }
 
 at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
@@ -302,16 +431,18 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   } else {
     y = at::empty({M, N}, at::kFloat);
     p.y = y.data_ptr<float>();
-    const bool simd = !generic_forced() && cpu_has_avx512();
-    const bool vnni = cpu_has_vnni();
+    const Isa isa = select_isa();
     const int64_t tiles = (N + 3) / 4;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n0 = t * 4, n1 = std::min(N, n0 + 4);
-      if (simd)
-        avx512_rows(p, scheme, vnni, n0, n1);
-      else
-        generic_rows(p, scheme, n0, n1);
+#ifdef LS_X86
+      if (isa != Isa::kGeneric) {
+        simd_rows(p, scheme, isa, n0, n1);
+        continue;
+      }
+#endif
+      generic_rows(p, scheme, n0, n1);
     }
   }
   if (bias) y = y + bias->to(at::kFloat);
