@@ -2,9 +2,11 @@
 //
 // Small M (decode and verification batches, M <= kStreamRows): the weight is streamed once; each tile of NR
 // output channels x MR rows keeps NR*MR accumulators, and each weight chunk is widened once for all MR rows.
-// OpenMP splits the output channels. Large M is compute-bound: dequantize once and let ATen's GEMM run.
+// at::parallel_for splits the output channels. Large M is compute-bound: dequantize once and let ATen's GEMM run.
 // Paths, chosen at run time: AVX-512 (F+BW; VNNI for w8a8's int16 dot), AVX2+FMA, and plain C++ for any other CPU.
 #include "qmatmul.h"
+
+#include <ATen/Parallel.h>
 #include "qmatmul_checks.h"
 
 #if defined(__x86_64__)
@@ -357,27 +359,35 @@ Isa select_isa() {
 #endif
 }
 
-// The dequantized fp32 weight (large M), with the same formulas as the streaming kernels.
+// The dequantized fp32 weight (large M), with the same formulas as the streaming kernels; chunk loops that the
+// compiler vectorizes.
 at::Tensor dequantize(const Problem& p, Scheme scheme) {
   auto out = at::empty({p.N, p.K}, at::kFloat);
   float* dst = out.data_ptr<float>();
-  const int64_t groups = scheme == Scheme::kInt8 || scheme == Scheme::kW8A8 ? 1 : p.K / p.group;
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < p.N; ++n) {
-    if (scheme == Scheme::kInt8 || scheme == Scheme::kW8A8) {
-      const int8_t* w = static_cast<const int8_t*>(p.w) + n * p.K;
-      for (int64_t k = 0; k < p.K; ++k) dst[n * p.K + k] = float(w[k]) * p.scales[n];
-    } else {
+  const bool per_channel = scheme == Scheme::kInt8 || scheme == Scheme::kW8A8;
+  const int64_t groups = per_channel ? 1 : p.K / p.group;
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* row_out = dst + n * p.K;
+      if (per_channel) {
+        const int8_t* w = static_cast<const int8_t*>(p.w) + n * p.K;
+        const float s = p.scales[n];
+        for (int64_t k = 0; k < p.K; ++k) row_out[k] = float(w[k]) * s;
+        continue;
+      }
       const uint8_t* w = static_cast<const uint8_t*>(p.w) + n * (p.K / 2);
-      for (int64_t k = 0; k < p.K; ++k) {
-        const uint8_t byte = w[(k / 32) * 16 + (k % 16)];
-        const int q = (k % 32) < 16 ? (byte & 0x0F) : (byte >> 4);
+      for (int64_t k = 0; k < p.K; k += 32) {
         const int64_t g = k / p.group;
+        const float s = p.scales[n * groups + g];
         const int z = scheme == Scheme::kInt4 ? 8 : p.zeros[n * groups + g];
-        dst[n * p.K + k] = float(q - z) * p.scales[n * groups + g];
+        const uint8_t* chunk = w + k / 2;
+        for (int j = 0; j < 16; ++j) {
+          row_out[k + j] = float(int(chunk[j] & 0x0F) - z) * s;
+          row_out[k + 16 + j] = float(int(chunk[j] >> 4) - z) * s;
+        }
       }
     }
-  }
+  });
   return out;
 }
 
@@ -433,17 +443,15 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
     p.y = y.data_ptr<float>();
     const Isa isa = select_isa();
     const int64_t tiles = (N + 3) / 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t n0 = t * 4, n1 = std::min(N, n0 + 4);
+    // A thread per ~512K multiply-adds at least: waking a second thread costs more than a small layer's product.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / (4 * K * M));
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+      const int64_t n0 = t0 * 4, n1 = std::min(N, t1 * 4);
 #ifdef LS_X86
-      if (isa != Isa::kGeneric) {
-        simd_rows(p, scheme, isa, n0, n1);
-        continue;
-      }
+      if (isa != Isa::kGeneric) return simd_rows(p, scheme, isa, n0, n1);
 #endif
       generic_rows(p, scheme, n0, n1);
-    }
+    });
   }
   if (bias) y = y + bias->to(at::kFloat);
   auto out_shape = x.sizes().vec();
