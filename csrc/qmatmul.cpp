@@ -420,8 +420,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   at::Tensor xq16, xs;
   at::Tensor xdq;  // w8a8 with large M: the activation as its codes times its scale
   if (scheme == Scheme::kW8A8) {
-    xs = (x2.abs().amax({1}) / 127.5f).clamp_min(1e-12f);
-    const auto codes = at::clamp(at::round(x2 / xs.unsqueeze(1)), -128, 127);
+    at::Tensor codes;
+    std::tie(codes, xs) = quantize_activation_per_token(x2);
     xq16 = codes.to(at::kShort).contiguous();
     xdq = codes * xs.unsqueeze(1);
     p.xq = xq16.data_ptr<int16_t>();

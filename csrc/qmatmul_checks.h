@@ -1,11 +1,13 @@
-// Argument checks of lightning_spec::quantized_linear, shared by the CPU and CUDA kernels; each message names the
-// argument. The Python wrapper (lightning_spec/ops/qmatmul.py) checks the same first, with ValueErrors.
+// Host-side pieces of lightning_spec::quantized_linear shared by the CPU and CUDA kernels: the argument checks
+// (each message names the argument; the Python wrapper, lightning_spec/ops/qmatmul.py, checks the same first with
+// ValueErrors) and w8a8's activation quantization.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace lightning_spec {
@@ -62,6 +64,13 @@ inline std::tuple<Scheme, int64_t, int64_t> check_quantized_linear_args(
   }
 
   return {scheme, N, K};
+}
+
+// w8a8's dynamic per-token activation quantization (lightning_spec.quant.numerics.quantize_activation):
+// returns (codes as float [M, K], scales [M]).
+inline std::pair<at::Tensor, at::Tensor> quantize_activation_per_token(const at::Tensor& x2) {
+  const auto scales = (x2.abs().amax({1}) / 127.5f).clamp_min(1e-12f);
+  return {at::clamp(at::round(x2 / scales.unsqueeze(1)), -128, 127), scales};
 }
 
 }  // namespace lightning_spec

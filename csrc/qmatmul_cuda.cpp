@@ -33,8 +33,7 @@ at::Tensor quantized_linear_cuda(const at::Tensor& x, const at::Tensor& packed, 
 
   at::Tensor xq, xs, codes;
   if (scheme == Scheme::kW8A8) {
-    xs = (x2.abs().amax({1}) / 127.5f).clamp_min(1e-12f);
-    codes = at::clamp(at::round(x2 / xs.unsqueeze(1)), -128, 127);
+    std::tie(codes, xs) = quantize_activation_per_token(x2);
     xq = codes.to(at::kChar).contiguous();
   }
   at::Tensor y;

@@ -47,7 +47,11 @@ def test_fit_a_tiny_draft_and_export(tmp_path, monkeypatch, tiny_dir, write_json
         "trainer": {
             "accelerator": "cpu", "max_steps": 2, "logger": False, "enable_checkpointing": False,
             "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
-            "callbacks": [{"class_path": "lightning_spec.ExportHF", "init_args": {"dirpath": str(tmp_path / "export")}}],
+            "callbacks": [
+                {"class_path": "lightning_spec.ExportHF", "init_args": {"dirpath": str(tmp_path / "export")}},
+                {"class_path": "lightning_spec.AcceptanceRateMonitor",
+                 "init_args": {"prompts": [[5, 6, 7]], "gamma": 2, "every_n_steps": 2, "max_new_tokens": 3}},
+            ],
         },
         "model": {
             "class_path": "lightning_spec.DraftDistillationModule",
@@ -66,6 +70,7 @@ def test_fit_a_tiny_draft_and_export(tmp_path, monkeypatch, tiny_dir, write_json
     path.write_text(yaml.safe_dump(config))
     cli = build_cli(["fit", "--config", str(path)])
     assert cli.trainer.global_step == 2
+    assert "spec/tau" in cli.trainer.callback_metrics  # the monitor ran from YAML
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").config.num_hidden_layers == 1
     # the console entry point exits 0 after a successful fit (the returned CLI object must not become the status)
     done = subprocess.run([str(Path(sys.executable).with_name("lightning-spec")), "fit", "--config", str(path)], capture_output=True, text=True)
