@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lightning_spec.data import prompt_ids, read_records, record_kind
-from lightning_spec.decoding import speculative_generate, target_generate, topk_tree
+from lightning_spec.decoding import DecodingStats, speculative_generate, target_generate, topk_tree
 from lightning_spec.metrics import (
     AcceptanceRate, KLDivergence, MeanAcceptedLength, PositionalAcceptance, TokenAgreement, TopKAgreement,
 )
@@ -117,7 +117,8 @@ def evaluate(target_source: str, drafts: Dict[str, str], prompts: str = "builtin
     progress = tqdm(total=total, desc="eval (prompt runs)", unit="run")
     generator = torch.Generator().manual_seed(seed)
     outputs, base_stats, base_rate = run_engine(lambda **kw: target_generate(target, generator=generator, **kw, **sampling), prompt_set, max_new_tokens, progress)
-    step_seconds = sum(s.target_time for s in base_stats) / sum(s.target_calls for s in base_stats)
+    baseline = DecodingStats.combine(base_stats)
+    step_seconds = baseline.target_time / baseline.target_calls
     report = {
         "target": target_source, "prompts": prompts, "num_prompts": len(prompt_set), "max_new_tokens": max_new_tokens,
         "temperature": temperature, "top_p": top_p, "threads": torch.get_num_threads(), "target_tokens_per_s": base_rate, "drafts": {},
@@ -132,10 +133,9 @@ def evaluate(target_source: str, drafts: Dict[str, str], prompts: str = "builtin
             positional, tau = PositionalAcceptance(gamma=depth), MeanAcceptedLength()
             positional.update(stats)
             tau.update(stats)
-            accepts, attempts = positional.accepts.sum().item(), positional.attempts.sum().item()
-            alpha = accepts / attempts if attempts else float("nan")
-            verify_seconds = sum(s.target_time for s in stats) / sum(s.target_calls for s in stats)
-            c = (sum(s.draft_time for s in stats) / sum(s.draft_calls for s in stats)) / verify_seconds
+            total = DecodingStats.combine(stats)
+            alpha, c = total.alpha, total.cost_ratio
+            verify_seconds = total.target_time / total.target_calls
             entry["runs"][label] = {
                 "depth": depth, "tokens_per_s": rate, "speedup": rate / base_rate, "tau": float(tau.compute()), "alpha": alpha,
                 "accept_at": positional.compute().reshape(-1).tolist(), "cost_ratio": c,

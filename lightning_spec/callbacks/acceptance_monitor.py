@@ -138,21 +138,16 @@ class AcceptanceRateMonitor(Callback):
                 runs.append(out.stats)
         finally:
             draft.train(was_training)
-        accepts = [sum(s.position_accepts[k] for s in runs) for k in range(self.depth)]
-        attempts = [sum(s.position_attempts[k] for s in runs) for k in range(self.depth)]
-        alpha = sum(accepts) / max(sum(attempts), 1)
-        rounds = sum(s.row_rounds for s in runs)
-        c = (sum(s.draft_time for s in runs) / max(sum(s.draft_calls for s in runs), 1)) / (
-            sum(s.target_time for s in runs) / max(sum(s.target_calls for s in runs), 1)
-        )
+        total = DecodingStats.combine(runs)
+        alpha, c = total.alpha, total.cost_ratio
         figures = {
             "spec/alpha": alpha,
-            "spec/tau": (sum(s.accepted for s in runs) + rounds) / max(rounds, 1),
+            "spec/tau": total.tau,
             "spec/cost_ratio": c,
             "spec/expected_speedup": F.expected_speedup(alpha, self.depth, c),
             "spec/best_gamma": float(F.optimal_gamma(alpha, c)),
         }
-        figures.update({f"spec/accept@{k + 1}": a / n if n else float("nan") for k, (a, n) in enumerate(zip(accepts, attempts))})
+        figures.update({f"spec/accept@{k + 1}": a for k, a in enumerate(total.acceptance_per_position)})
         return figures
 
     def _run_and_log(self, trainer, pl_module) -> None:

@@ -42,6 +42,18 @@ class DecodingStats:
         self.position_attempts = self.position_attempts or [0] * self.max_depth
         self.position_accepts = self.position_accepts or [0] * self.max_depth
 
+    @classmethod
+    def combine(cls, runs: Sequence["DecodingStats"]) -> "DecodingStats":
+        """The counts of several runs of the same depth, summed (pooled alpha, tau and cost ratio)."""
+        total = cls(max_depth=runs[0].max_depth)
+        for run in runs:
+            for name in ("drafted", "accepted", "target_calls", "draft_calls", "row_rounds", "new_tokens",
+                         "prefill_time", "target_time", "draft_time", "wall_time"):
+                setattr(total, name, getattr(total, name) + getattr(run, name))
+            total.position_attempts = [a + b for a, b in zip(total.position_attempts, run.position_attempts)]
+            total.position_accepts = [a + b for a, b in zip(total.position_accepts, run.position_accepts)]
+        return total
+
     @property
     def tau(self) -> float:
         """Mean tokens per target call and row (accepted draft tokens + the correction/bonus token)."""
