@@ -1,6 +1,7 @@
 """Train the tiny draft for a few steps and write, per rank, the logged train/loss and token count of each step
-(and, from rank 0, the final draft weights). With --monitor, an AcceptanceRateMonitor and a ModelCheckpoint on
-spec/tau run every 2 steps, and each rank also writes the spec/tau values it logged and the best score.
+and its final draft weights. With --monitor, an AcceptanceRateMonitor and a ModelCheckpoint on
+spec/tau run every 2 steps, and each rank also writes the spec/tau values it logged and the best score. With --qat,
+a QATScheduler with learned scales fake-quantizes the draft from step 1.
 test_ddp.py and test_acceptance_monitor.py run it as a script: Lightning's DDP launcher re-runs the script once
 per further rank."""
 import argparse
@@ -12,7 +13,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_spec import DistillDataModule, DraftDistillationModule
-from lightning_spec.callbacks import AcceptanceRateMonitor
+from lightning_spec.callbacks import AcceptanceRateMonitor, QATScheduler
 
 
 class StepRecorder(Callback):
@@ -26,12 +27,14 @@ class StepRecorder(Callback):
             self.spec.append(trainer.callback_metrics["spec/tau"].item())
 
 
-def train(target: str, data: str, cache: str, out: str, devices: int, batch_size: int, steps: int = 3, monitor: int = 0) -> None:
+def train(target: str, data: str, cache: str, out: str, devices: int, batch_size: int, steps: int = 3, monitor: int = 0, qat: int = 0) -> None:
     # plain SGD: Adam's per-weight normalization would hide a wrongly scaled gradient
     module = DraftDistillationModule(target=target, draft={"num_layers": 2}, optimizer=lambda p: torch.optim.SGD(p, lr=2.0))
     datamodule = DistillDataModule(train_files=data, source="fixed", val_size=2, batch_size=batch_size, max_length=128, cache_dir=cache)
     recorder = StepRecorder()
     callbacks = [recorder]
+    if qat:
+        callbacks.append(QATScheduler(weight="int4", group_size=32, start_step=1, learn_scales=True, scale_lr=1e-3))
     if monitor:
         checkpoint = ModelCheckpoint(dirpath=Path(out) / "ckpt", monitor="spec/tau", mode="max", every_n_train_steps=2)
         callbacks += [AcceptanceRateMonitor(prompts=[[5, 6, 7], [8, 9]], gamma=2, every_n_steps=2, max_new_tokens=4), checkpoint]
@@ -47,8 +50,7 @@ def train(target: str, data: str, cache: str, out: str, devices: int, batch_size
     if monitor:
         record["best"] = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
     (path / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-    if trainer.is_global_zero:
-        torch.save(module.draft.state_dict(), path / "draft.pt")
+    torch.save(module.draft.state_dict(), path / f"draft{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
@@ -59,4 +61,5 @@ if __name__ == "__main__":
         parser.add_argument(f"--{name}", type=int, required=True)
     parser.add_argument("--monitor", type=int, default=0)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--qat", type=int, default=0)
     train(**vars(parser.parse_args()))

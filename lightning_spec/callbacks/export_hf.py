@@ -7,6 +7,11 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
+def trained_model(pl_module):
+    """The model a lightning-spec module trains: a draft module's ``draft``, a standard module's ``model``."""
+    return pl_module.draft if hasattr(pl_module, "draft") else pl_module.model
+
+
 def export_hf(model, tokenizer, dirpath) -> Path:
     """Save ``model`` (and ``tokenizer``) so ``AutoModelForCausalLM.from_pretrained(dirpath)`` loads it."""
     path = Path(dirpath)
@@ -31,6 +36,6 @@ class ExportHF(Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
-        model = pl_module.draft if hasattr(pl_module, "draft") else pl_module.model
+        model = trained_model(pl_module)
         path = export_hf(model, getattr(pl_module, "tokenizer", None), self.dirpath)
         rank_zero_info(f"exported {type(model).__name__} to {path}")

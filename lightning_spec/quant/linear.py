@@ -6,12 +6,15 @@ import torch
 from torch import Tensor, nn
 
 import lightning_spec.ops.qmatmul as qmatmul
-from lightning_spec.quant.numerics import check_scheme, dequantize_weight, quantize_weight
+from lightning_spec.quant.numerics import check_activation, check_scheme, dequantize_weight, fake_quantize_activation, quantize_weight
 
 
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is stored packed (``packed``, ``scales``, ``zeros`` buffers, so state_dict
     saves and reloads the packed form) and multiplied by lightning_spec.ops.quantized_linear.
+
+    ``activation="int8"`` (int4 schemes) quantizes the input per token first, as w8a8 does inside its kernel: the
+    int8-activation/int4-weight scheme ("8da4w") that QAT trains for.
 
     Example::
 
@@ -19,11 +22,13 @@ class QuantizedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: str = "int4",
-                 group_size: Optional[int] = 32, device=None):
+                 group_size: Optional[int] = 32, activation: Optional[str] = None, device=None):
         super().__init__()
         group_size = group_size if scheme.startswith("int4") else None
         check_scheme(scheme, group_size, in_features)
+        check_activation(scheme, activation)
         self.in_features, self.out_features, self.scheme, self.group_size = in_features, out_features, scheme, group_size
+        self.activation = activation
         grouped = scheme.startswith("int4")
         packed_shape = (out_features, in_features // 2) if grouped else (out_features, in_features)
         scale_shape = (out_features, in_features // group_size) if grouped else (out_features,)
@@ -33,10 +38,12 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, scheme: str = "int4", group_size: Optional[int] = 32) -> "QuantizedLinear":
+    def from_float(cls, linear: nn.Linear, scheme: str = "int4", group_size: Optional[int] = 32, activation: Optional[str] = None,
+                   scales: Optional[Tensor] = None, zeros: Optional[Tensor] = None) -> "QuantizedLinear":
+        """Quantize ``linear``'s weight with the numerics' scales, or with given ``scales``/``zeros`` (QAT's)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme=scheme, group_size=group_size,
-                    device=linear.weight.device)
-        packed, scales, zeros = quantize_weight(linear.weight.detach(), scheme, layer.group_size)
+                    activation=activation, device=linear.weight.device)
+        packed, scales, zeros = quantize_weight(linear.weight.detach(), scheme, layer.group_size, scales, zeros)
         layer.packed.copy_(packed)
         layer.scales.copy_(scales)
         if zeros is not None:
@@ -52,27 +59,36 @@ class QuantizedLinear(nn.Module):
         out_dtype = x.dtype
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
+        if self.activation == "int8":
+            x = fake_quantize_activation(x).to(x.dtype)
         y = qmatmul.quantized_linear(x, self.packed, self.scales, self.zeros, scheme=self.scheme, group_size=self.group_size, bias=self.bias)
         return y.to(out_dtype)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{group}, bias={self.bias is not None}"
+        activation = f", activation={self.activation}" if self.activation else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{group}{activation}, "
+                f"bias={self.bias is not None}")
 
 
 def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
-    """A pattern matches a module name by glob or as a dotted component (``"lm_head"``, ``"mlp"``, ``"*.q_proj"``)."""
-    return bool(patterns) and any(fnmatch.fnmatch(name, p) or p in name.split(".") for p in patterns)
+    """A pattern matches a module name by glob (``"*.q_proj"``, ``"model.layers.0.*"``) or as the start of a dotted
+    component (``"lm_head"``, ``"mlp"``, ``"embed"`` for ``embed_tokens``)."""
+    return bool(patterns) and any(
+        fnmatch.fnmatch(name, p) or any(part.startswith(p) for part in name.split(".")) for p in patterns
+    )
 
 
-def select_linears(model: nn.Module, include: Optional[Sequence[str]], exclude: Sequence[str]) -> List[str]:
-    """Names of the nn.Linear modules that ``include`` (None: all) and not ``exclude`` select; errors for patterns that
-    match no linear layer."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for label, patterns in (("include", include), ("exclude", exclude)):
+def select_linears(model: nn.Module, include: Optional[Sequence[str]], exclude: Sequence[str], kind=nn.Linear) -> List[str]:
+    """Names of the ``kind`` modules that ``include`` (None: all) and not ``exclude`` select; errors for an include
+    pattern that matches no such layer and an exclude pattern that matches no module at all."""
+    modules = dict(model.named_modules())
+    names = [n for n, m in modules.items() if isinstance(m, kind)]
+    for label, patterns, pool in (("include", include, names), ("exclude", exclude, list(modules))):
         for p in patterns or ():
-            if not any(_matches(n, [p]) for n in names):
-                raise ValueError(f"{label} pattern {p!r} matches no nn.Linear in the model (it has e.g. {names[:3]})")
+            if not any(_matches(n, [p]) for n in pool):
+                raise ValueError(f"{label} pattern {p!r} matches no {'nn.Linear' if label == 'include' else 'module'} in the "
+                                 f"model (it has e.g. {names[:3]})")
     return [n for n in names if (include is None or _matches(n, include)) and not _matches(n, exclude)]
 
 

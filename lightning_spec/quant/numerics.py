@@ -40,6 +40,15 @@ def check_scheme(scheme: str, group_size: Optional[int], in_features: Optional[i
         raise ValueError(f"{scheme} is per output channel: group_size must be None{at}, got {group_size!r}")
 
 
+def check_activation(scheme: str, activation: Optional[str]) -> None:
+    """Activation quantization: None, or "int8" per token on top of an int4 scheme (w8a8 has it built in)."""
+    if activation not in (None, "int8"):
+        raise ValueError(f"activation must be None or 'int8', got {activation!r}")
+    if activation and not scheme.startswith("int4"):
+        hint = "w8a8 quantizes activations already" if scheme == "w8a8" else "int8 weights with int8 activations are scheme 'w8a8'"
+        raise ValueError(f"activation={activation!r} goes with the int4 schemes; {hint}")
+
+
 def _grouped(w: Tensor, scheme: str, group_size: Optional[int]) -> Tensor:
     """[N, groups, size] view in float32: one group per row for per-channel schemes."""
     N, K = w.shape
@@ -47,36 +56,83 @@ def _grouped(w: Tensor, scheme: str, group_size: Optional[int]) -> Tensor:
     return w.float().reshape(N, K // size, size)
 
 
-def quantize_codes(w: Tensor, scheme: str, group_size: Optional[int] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Integer codes q (int32 [N, K]), scales (float32 [N] or [N, groups]) and zero points (or None)."""
+def qrange(scheme: str) -> Tuple[int, int]:
+    """(qmin, qmax) of a scheme's integer codes."""
+    return {"int8": (-128, 127), "w8a8": (-128, 127), "int4": (-8, 7), "int4_asym": (0, 15)}[scheme]
+
+
+def weight_qparams(w: Tensor, scheme: str, group_size: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """The scales and zero points the numerics give ``w``: float32 [N, groups] each (one group per row for the
+    per-channel schemes); zero points None when symmetric."""
+    g = _grouped(w, scheme, group_size)
+    if scheme == "int4_asym":
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=_TINY)
+        return scale, torch.clamp(torch.round(-lo / scale), 0, 15)
+    qmin, qmax = qrange(scheme)
+    return (g.abs().amax(-1) / ((qmax - qmin) / 2)).clamp(min=_TINY), None
+
+
+class _RoundSTE(torch.autograd.Function):
+    """torch.round forward, identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _check_weight(w: Tensor, scheme: str, group_size: Optional[int]) -> None:
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"weight must be a floating-point [out_features, in_features] matrix, got {w.dtype} {list(w.shape)}")
     check_scheme(scheme, group_size, w.shape[1])
+
+
+def _grouped_codes(w: Tensor, scheme: str, group_size: Optional[int], scales: Tensor, zeros: Optional[Tensor]):
+    """Codes clamp(round(w / s) + z) as float32 [N, groups, size] (round through the STE, so differentiable in w and
+    s: zero gradient where the clamp bites), with s and z broadcast to that view."""
     g = _grouped(w, scheme, group_size)
-    if scheme == "int4_asym":
-        lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
-        scale = ((hi - lo) / 15).clamp(min=_TINY)
-        zero = torch.clamp(torch.round(-lo / scale), 0, 15)
-        q = torch.clamp(torch.round(g / scale) + zero, 0, 15)
-    else:
-        qmin, qmax = (-8, 7) if scheme == "int4" else (-128, 127)
-        scale = (g.abs().amax(-1, keepdim=True) / ((qmax - qmin) / 2)).clamp(min=_TINY)
-        zero = None
-        q = torch.clamp(torch.round(g / scale), qmin, qmax)
+    N, G, _ = g.shape
+    s = scales.float().reshape(N, G, 1)
+    z = zeros.float().reshape(N, G, 1) if zeros is not None else None
+    q = _RoundSTE.apply(g / s)
+    if z is not None:
+        q = q + z
+    qmin, qmax = qrange(scheme)
+    return torch.clamp(q, qmin, qmax), s, z
+
+
+def quantize_codes(w: Tensor, scheme: str, group_size: Optional[int] = None, scales: Optional[Tensor] = None,
+                   zeros: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Integer codes q (int32 [N, K]), scales (float32 [N] or [N, groups]) and zero points (uint8, or None), with the
+    numerics' scales for ``w`` unless ``scales`` (and ``zeros``) are given (e.g. frozen or learned during QAT)."""
+    _check_weight(w, scheme, group_size)
+    if scales is None:
+        scales, zeros = weight_qparams(w, scheme, group_size)
+    with torch.no_grad():
+        q, s, z = _grouped_codes(w, scheme, group_size, scales, zeros)
     N = w.shape[0]
-    scales = scale.reshape(N, -1)
-    scales = scales[:, 0].contiguous() if not scheme.startswith("int4") else scales.contiguous()
-    zeros = zero.reshape(N, -1).to(torch.uint8) if zero is not None else None
+    scales = s.reshape(N, -1)
+    scales = scales.contiguous() if scheme.startswith("int4") else scales[:, 0].contiguous()
+    zeros = z.reshape(N, -1).to(torch.uint8) if z is not None else None
     return q.reshape(w.shape).to(torch.int32), scales, zeros
 
 
-def fake_quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = None) -> Tensor:
-    """(q - z) * s in float32, what dequantize_weight(quantize_weight(w)) returns (no packing round trip)."""
-    q, scales, zeros = quantize_codes(w, scheme, group_size)
-    N, K = w.shape
-    s = scales.reshape(N, -1, 1)
-    z = zeros.reshape(N, -1, 1).float() if zeros is not None else 0.0
-    return ((q.reshape(N, s.shape[1], -1).float() - z) * s).reshape(N, K)
+def fake_quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = None, scales: Optional[Tensor] = None,
+                         zeros: Optional[Tensor] = None) -> Tensor:
+    """(q - z) * s in float32: what dequantize_weight(quantize_weight(w)) returns, differentiable for QAT.
+
+    Gradients follow torchao/LSQ: straight through the rounding to ``w``, zero where the clamp bites, and to given
+    ``scales`` through w / s (codes - w / s inside the range, the clamp bound outside).
+    """
+    _check_weight(w, scheme, group_size)
+    if scales is None:
+        scales, zeros = (t.detach() if t is not None else None for t in weight_qparams(w, scheme, group_size))
+    q, s, z = _grouped_codes(w, scheme, group_size, scales, zeros)
+    return ((q - z if z is not None else q) * s).reshape(w.shape)
 
 
 def _pack_nibbles(u: Tensor) -> Tensor:
@@ -92,9 +148,11 @@ def _unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(N, half * 2)
 
 
-def quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Quantize a [N, K] weight: returns (packed, scales, zeros), zeros None when symmetric (see the layouts above)."""
-    q, scales, zeros = quantize_codes(w, scheme, group_size)
+def quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = None, scales: Optional[Tensor] = None,
+                    zeros: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Quantize a [N, K] weight: returns (packed, scales, zeros), zeros None when symmetric (see the layouts above).
+    ``scales``/``zeros`` as in quantize_codes."""
+    q, scales, zeros = quantize_codes(w, scheme, group_size, scales, zeros)
     if scheme in ("int8", "w8a8"):
         return q.to(torch.int8).contiguous(), scales, None
     return _pack_nibbles(q + 8 if scheme == "int4" else q), scales, zeros
@@ -149,3 +207,11 @@ def quantize_activation(x: Tensor) -> Tuple[Tensor, Tensor]:
     x = x.float()
     scale = (x.abs().amax(-1) / 127.5).clamp(min=_TINY)
     return torch.clamp(torch.round(x / scale[:, None]), -128, 127).to(torch.int8), scale
+
+
+def fake_quantize_activation(x: Tensor) -> Tensor:
+    """codes * scale of quantize_activation over the last dimension of ``x`` [..., K], in float32; gradient straight
+    through the rounding (the per-token scale is a statistic, not learned), zero where the clamp bites."""
+    x = x.float()
+    scale = (x.detach().abs().amax(-1, keepdim=True) / 127.5).clamp(min=_TINY)
+    return torch.clamp(_RoundSTE.apply(x / scale), -128, 127) * scale
