@@ -97,13 +97,12 @@ class FakeQuantLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.phase == OFF:
             return super().forward(x)
+        scale, zero = self.qparams()
         if self.phase == OBSERVE:
-            with torch.no_grad():
-                scale, zero = self.observed_qparams()
-                self.weight_scale.copy_(scale)  # the last statistics, saved with the checkpoint
+            with torch.no_grad():  # the last statistics, saved with the checkpoint
+                self.weight_scale.copy_(scale)
                 if zero is not None:
                     self.weight_zero.copy_(zero)
-        scale, zero = self.qparams()
         weight = fake_quantize_weight(self.weight, self.scheme, self.group_size, scale, zero).to(self.weight.dtype)
         if self.activation == "int8" or self.scheme == "w8a8":
             x = fake_quantize_activation(x).to(x.dtype)

@@ -93,8 +93,9 @@ def select_linears(model: nn.Module, include: Optional[Sequence[str]], exclude: 
 
 
 def quantize_model(model: nn.Module, scheme: str = "int4", group_size: Optional[int] = 32,
-                   include: Optional[Sequence[str]] = None, exclude: Sequence[str] = ("lm_head",)) -> Dict[str, object]:
-    """Swap every selected nn.Linear for a QuantizedLinear in place; returns a report of what it did.
+                   include: Optional[Sequence[str]] = None, exclude: Sequence[str] = ("lm_head",),
+                   activation: Optional[str] = None) -> Dict[str, object]:
+    """Swap every selected nn.Linear for a QuantizedLinear (post-training quantization) in place; returns a report.
 
     The report: ``{"scheme", "group_size", "quantized": [names], "skipped": [names], "bytes_before", "bytes_after"}``
     (weights only; the bytes count packed codes, scales and zero points). An lm_head tied to the input embeddings can
@@ -102,6 +103,7 @@ def quantize_model(model: nn.Module, scheme: str = "int4", group_size: Optional[
     """
     group_size = group_size if scheme.startswith("int4") else None
     check_scheme(scheme, group_size)
+    check_activation(scheme, activation)
     chosen = select_linears(model, include, exclude)
     report = {"scheme": scheme, "group_size": group_size, "quantized": [], "skipped": [], "bytes_before": 0, "bytes_after": 0}
     for name, module in list(model.named_modules()):
@@ -111,7 +113,7 @@ def quantize_model(model: nn.Module, scheme: str = "int4", group_size: Optional[
             report["skipped"].append(name)
             continue
         check_scheme(scheme, group_size, module.in_features, where=name)
-        layer = QuantizedLinear.from_float(module, scheme, group_size)
+        layer = QuantizedLinear.from_float(module, scheme, group_size, activation)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         report["quantized"].append(name)

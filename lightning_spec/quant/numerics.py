@@ -73,16 +73,39 @@ def weight_qparams(w: Tensor, scheme: str, group_size: Optional[int] = None) -> 
     return (g.abs().amax(-1) / ((qmax - qmin) / 2)).clamp(min=_TINY), None
 
 
-class _RoundSTE(torch.autograd.Function):
-    """torch.round forward, identity backward (the straight-through estimator)."""
+def _codes(v: Tensor, zero: Optional[Tensor], qmin: int, qmax: int) -> Tuple[Tensor, Tensor]:
+    """clamp(round(v) + z, qmin, qmax) in float32, and where the clamp did not bite."""
+    code = torch.round(v)
+    if zero is not None:
+        code += zero
+    inside = (code >= qmin) & (code <= qmax)
+    return code.clamp_(qmin, qmax), inside
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """(clamp(round(x / s) + z, qmin, qmax) - z) * s with the gradients of torchao and LSQ, in few passes over x:
+    straight through the rounding to x, zero where the clamp bites; to s (if it needs one) through x / s, i.e.
+    code - z - x / s inside the range and the clamp bound outside."""
 
     @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
+    def forward(ctx, x, scale, zero, qmin, qmax):
+        code, inside = _codes(x / scale, zero, qmin, qmax)
+        ctx.save_for_backward(inside, x, scale, zero)
+        ctx.qrange = (qmin, qmax)
+        return (code - zero if zero is not None else code) * scale
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        inside, x, scale, zero = ctx.saved_tensors
+        grad_x = grad.masked_fill(~inside, 0.0) if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            v = x / scale
+            code, _ = _codes(v, zero, *ctx.qrange)
+            if zero is not None:
+                code -= zero
+            grad_scale = (grad * code.sub_(v.masked_fill_(~inside, 0.0))).sum_to_size(scale.shape)
+        return grad_x, grad_scale, None, None, None
 
 
 def _check_weight(w: Tensor, scheme: str, group_size: Optional[int]) -> None:
@@ -91,18 +114,11 @@ def _check_weight(w: Tensor, scheme: str, group_size: Optional[int]) -> None:
     check_scheme(scheme, group_size, w.shape[1])
 
 
-def _grouped_codes(w: Tensor, scheme: str, group_size: Optional[int], scales: Tensor, zeros: Optional[Tensor]):
-    """Codes clamp(round(w / s) + z) as float32 [N, groups, size] (round through the STE, so differentiable in w and
-    s: zero gradient where the clamp bites), with s and z broadcast to that view."""
+def _grouped_qparams(w: Tensor, scheme: str, group_size: Optional[int], scales: Tensor, zeros: Optional[Tensor]):
+    """The [N, groups, size] float32 view of w, and scales and zero points broadcast to it."""
     g = _grouped(w, scheme, group_size)
     N, G, _ = g.shape
-    s = scales.float().reshape(N, G, 1)
-    z = zeros.float().reshape(N, G, 1) if zeros is not None else None
-    q = _RoundSTE.apply(g / s)
-    if z is not None:
-        q = q + z
-    qmin, qmax = qrange(scheme)
-    return torch.clamp(q, qmin, qmax), s, z
+    return g, scales.float().reshape(N, G, 1), zeros.float().reshape(N, G, 1) if zeros is not None else None
 
 
 def quantize_codes(w: Tensor, scheme: str, group_size: Optional[int] = None, scales: Optional[Tensor] = None,
@@ -113,7 +129,8 @@ def quantize_codes(w: Tensor, scheme: str, group_size: Optional[int] = None, sca
     if scales is None:
         scales, zeros = weight_qparams(w, scheme, group_size)
     with torch.no_grad():
-        q, s, z = _grouped_codes(w, scheme, group_size, scales, zeros)
+        g, s, z = _grouped_qparams(w, scheme, group_size, scales, zeros)
+        q, _ = _codes(g / s, z, *qrange(scheme))
     N = w.shape[0]
     scales = s.reshape(N, -1)
     scales = scales.contiguous() if scheme.startswith("int4") else scales[:, 0].contiguous()
@@ -131,8 +148,8 @@ def fake_quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = Non
     _check_weight(w, scheme, group_size)
     if scales is None:
         scales, zeros = (t.detach() if t is not None else None for t in weight_qparams(w, scheme, group_size))
-    q, s, z = _grouped_codes(w, scheme, group_size, scales, zeros)
-    return ((q - z if z is not None else q) * s).reshape(w.shape)
+    g, s, z = _grouped_qparams(w, scheme, group_size, scales, zeros)
+    return _FakeQuantize.apply(g, s, z, *qrange(scheme)).reshape(w.shape)
 
 
 def _pack_nibbles(u: Tensor) -> Tensor:
@@ -214,4 +231,4 @@ def fake_quantize_activation(x: Tensor) -> Tensor:
     through the rounding (the per-token scale is a statistic, not learned), zero where the clamp bites."""
     x = x.float()
     scale = (x.detach().abs().amax(-1, keepdim=True) / 127.5).clamp(min=_TINY)
-    return torch.clamp(_RoundSTE.apply(x / scale), -128, 127) * scale
+    return _FakeQuantize.apply(x, scale, None, -128, 127)
