@@ -26,6 +26,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_distill.py
+	$(BIN)/python benchmarks/bench_sft.py
 	$(BIN)/python benchmarks/bench_verify.py
 	test -d artifacts/smollm2_draft || $(MAKE) demo
 	$(BIN)/python benchmarks/bench_speculative.py

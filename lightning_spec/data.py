@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -19,22 +21,56 @@ from lightning_spec.losses import sparse_teacher_from_logits
 from lightning_spec.models import cache_root, next_token_logits
 
 BUILTIN_PROMPTS = "builtin:prompts"
+# The package's own data sets, named "builtin:<name>" in place of a file: the prompts (for generation), a chat
+# data set (SFT) and a raw-text corpus (continued pre-training), all under lightning_spec/assets.
+BUILTIN_DATA = {"prompts": "prompts.jsonl", "chat": "chat.jsonl", "corpus": "corpus/*.txt"}
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 OVERLONG_POLICIES = ("error", "truncate", "drop")
+TEXT_UNITS = ("document", "paragraph", "line")
+_STATS_FILE = "lightning_spec_stats.json"  # the counts of a cached split's build, next to it
 
 datasets.disable_progress_bars()
 
 
+def builtin_path(name: str) -> Path:
+    """The asset file (or glob pattern) behind ``builtin:<name>``."""
+    if name not in BUILTIN_DATA:
+        raise ValueError(f"unknown built-in data set 'builtin:{name}'; choose one of {', '.join('builtin:' + n for n in BUILTIN_DATA)}")
+    return Path(str(resources.files("lightning_spec") / "assets")) / BUILTIN_DATA[name]
+
+
 def builtin_prompts_path() -> Path:
-    return Path(str(resources.files("lightning_spec") / "assets" / "prompts.jsonl"))
+    return builtin_path("prompts")
 
 
-def read_records(files: Union[str, Sequence[str]]) -> datasets.Dataset:
-    """Load local json/jsonl/parquet/text files as one `datasets.Dataset`; clear errors for bad input."""
+def _expand(file: Union[str, Path]) -> List[Path]:
+    text = str(file)
+    if not text.startswith("builtin:"):
+        return [Path(text).expanduser()]
+    pattern = builtin_path(text[len("builtin:"):])
+    if "*" not in pattern.name:
+        return [pattern]
+    found = sorted(pattern.parent.glob(pattern.name))
+    if not found:
+        raise FileNotFoundError(f"{text}: no files match {pattern}")
+    return found
+
+
+def read_records(files: Union[str, Sequence[str]], sample_by: str = "line") -> datasets.Dataset:
+    """Load local json/jsonl/parquet/text files (or ``builtin:<name>`` data sets) as one `datasets.Dataset`;
+    clear errors for bad input. Text files give one ``text`` record per ``sample_by``: "line", "paragraph"
+    (blank-line separated) or "document" (the whole file).
+
+    Example::
+
+        corpus = read_records("builtin:corpus", sample_by="document")
+    """
+    if sample_by not in TEXT_UNITS:
+        raise ValueError(f"sample_by must be one of {TEXT_UNITS}, got {sample_by!r}")
     files = [files] if isinstance(files, (str, Path)) else list(files)
     if not files:
         raise ValueError("no data files given")
-    paths = [builtin_prompts_path() if str(f) == BUILTIN_PROMPTS else Path(f).expanduser() for f in files]
+    paths = [p for f in files for p in _expand(f)]
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"data file {p} does not exist")
@@ -45,8 +81,10 @@ def read_records(files: Union[str, Sequence[str]]) -> datasets.Dataset:
     builders = {_BUILDERS[p.suffix] for p in paths}
     if len(builders) != 1:
         raise ValueError(f"data files mix formats {sorted(builders)}; give one format per split")
+    builder = builders.pop()
+    options = {"sample_by": sample_by} if builder == "text" else {}
     try:
-        ds = datasets.load_dataset(builders.pop(), data_files=[str(p) for p in paths], split="train")
+        ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", **options)
     except Exception as err:  # datasets raises a variety of parser errors
         raise ValueError(f"could not parse data files {[str(p) for p in paths]}: {err}") from err
     if len(ds) == 0:
@@ -76,6 +114,11 @@ def _messages(record: Dict[str, Any], kind: str) -> List[Dict[str, str]]:
     return msgs
 
 
+def has_assistant_turn(record: Dict[str, Any], kind: str) -> bool:
+    """Whether a chat record has an assistant turn to learn from."""
+    return any(m["role"] == "assistant" for m in _messages(record, kind))
+
+
 def prompt_ids(tokenizer, record: Dict[str, Any], kind: str) -> List[int]:
     """Token ids of the conversation up to (not including) its last assistant turn, ready to generate."""
     msgs = _messages(record, kind)
@@ -88,7 +131,10 @@ def prompt_ids(tokenizer, record: Dict[str, Any], kind: str) -> List[int]:
 
 def _chat_ids(tokenizer, msgs, add_generation_prompt: bool) -> List[int]:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; chat records need one")
+        raise ValueError(
+            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; chat records (messages or "
+            "prompt/response) need one: use an instruct model's tokenizer or set tokenizer.chat_template"
+        )
     ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
@@ -98,9 +144,9 @@ def tokenize_record(tokenizer, record: Dict[str, Any], kind: str) -> Dict[str, L
     if kind == "text":
         ids = tokenizer(record["text"])["input_ids"] + [tokenizer.eos_token_id]
         return {"input_ids": ids, "loss_mask": [0] + [1] * (len(ids) - 1)}
-    msgs = _messages(record, kind)
-    if not any(m["role"] == "assistant" for m in msgs):
+    if not has_assistant_turn(record, kind):
         raise ValueError("a chat record has no assistant turn to learn from")
+    msgs = _messages(record, kind)
     ids: List[int] = []
     mask: List[int] = []
     for i, msg in enumerate(msgs):
@@ -281,7 +327,165 @@ class ResumableSampler(DistributedSampler):
             yield from order[start : start + self.batch_size]
 
 
-class DistillDataModule(LightningDataModule):
+class ShardSampler(DistributedSampler):
+    """Rank r takes records r, r + world, ...: every record exactly once over the ranks (Lightning's default
+    sampler pads ranks with repeated records, which would bias sums over a validation set)."""
+
+    def __init__(self, num_samples: int, *, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+def _save_split(ds: datasets.Dataset, stats: Dict[str, float], path: Path) -> None:
+    """Write a split and the counts of its build next to it, atomically: a killed build never leaves a half cache."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    ds.save_to_disk(str(tmp))
+    (tmp / _STATS_FILE).write_text(json.dumps(stats))
+    tmp.rename(path)
+
+
+def _load_stats(path: Path) -> Dict[str, float]:
+    file = path / _STATS_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+class TokenDataModule(LightningDataModule):
+    """What the token data modules share: a tokenizer (given, or the trained module's), a held-out validation
+    split, tokenized splits cached on disk as Arrow datasets (keyed by data and settings, with the counts of
+    their build), a training order that resumes exactly from a checkpoint and gives the same global batches in
+    any world size, and validation shards that cover every record once under DDP.
+
+    Subclasses say what a split's cache key holds (`_split_key`) and how it is built (`_build_split`).
+    """
+
+    def __init__(self, train_files, val_files, val_size: int, max_length: int, overlong: str, batch_size: int,
+                 num_workers: int, seed: int, cache_dir: Optional[str], tokenizer: Any):
+        super().__init__()
+        if overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if val_files is None and val_size < 1:
+            raise ValueError("without val_files, val_size must hold out at least 1 record")
+        self.train_files, self.val_files, self.val_size = train_files, val_files, val_size
+        self.max_length, self.overlong = max_length, overlong
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "data"
+        self._tokenizer = tokenizer
+        self.splits: Dict[str, datasets.Dataset] = {}
+        self.stats: Dict[str, float] = {}
+        self._resume: Optional[Dict[str, int]] = None
+        self._sampler: Optional[ResumableSampler] = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None and self.trainer is not None:
+            self._tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
+        if isinstance(self._tokenizer, str):
+            from lightning_spec.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self._tokenizer)
+        if self._tokenizer is None:
+            raise ValueError(f"{type(self).__name__} needs a tokenizer: pass tokenizer= or train a module that has one")
+        return self._tokenizer
+
+    # -- building the splits ----------------------------------------------------------------------------
+    def _read(self, files) -> datasets.Dataset:
+        return read_records(files)
+
+    def _raw_splits(self) -> Dict[str, datasets.Dataset]:
+        train = self._read(self.train_files)
+        if self.val_files is not None:
+            return {"train": train, "val": self._read(self.val_files)}
+        if len(train) <= self.val_size:
+            raise ValueError(f"{len(train)} training records cannot spare val_size={self.val_size} for validation")
+        parts = train.train_test_split(test_size=self.val_size, seed=self.seed, shuffle=True)
+        return {"train": parts["train"], "val": parts["test"]}
+
+    def _split_key(self, name: str, raw: datasets.Dataset) -> Tuple:
+        raise NotImplementedError
+
+    def _build_split(self, name: str, raw: datasets.Dataset) -> Tuple[datasets.Dataset, Dict[str, float]]:
+        """The tokenized split and the counts of its build (kept, dropped, ...), named ``<split>_<what>``."""
+        raise NotImplementedError
+
+    def _split_path(self, name: str, raw: datasets.Dataset) -> Path:
+        return self.cache_dir / f"{name}-{_fingerprint(*self._split_key(name, raw))}"
+
+    def _cached_split(self, name: str, raw: datasets.Dataset) -> Path:
+        """The directory of the split's cache, built first if missing."""
+        path = self._split_path(name, raw)
+        if not path.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _save_split(*self._build_split(name, raw), path)
+        return path
+
+    def _split_stats(self) -> Dict[str, float]:
+        train = self.splits["train"]
+        return {"train_samples": len(train), "train_tokens": sum(sum(m) for m in train["loss_mask"]), "val_samples": len(self.splits["val"])}
+
+    def prepare_data(self) -> None:
+        """Build (or find cached) tokenized splits on disk."""
+        for name, raw in self._raw_splits().items():
+            self._cached_split(name, raw)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:
+            return
+        for name, raw in self._raw_splits().items():
+            path = self._cached_split(name, raw)
+            self.splits[name] = datasets.load_from_disk(str(path))
+            self.stats.update(_load_stats(path))
+        self.stats.update(self._split_stats())
+        rank_zero_info(f"data: {self.stats}")
+
+    # -- loaders ----------------------------------------------------------------------------------------
+    def _collate_fn(self) -> Callable[[List[Dict[str, Any]]], Dict[str, torch.Tensor]]:
+        return partial(collate_tokens, pad_id=self.tokenizer.pad_token_id)
+
+    def _world(self) -> Tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+
+    def _loader(self, ds: datasets.Dataset, sampler) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=self._collate_fn())
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        self._sampler = ResumableSampler(len(self.splits["train"]), self.batch_size, num_replicas=world, rank=rank, seed=self.seed)
+        if self.trainer is not None:
+            self._sampler.counter = lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if self._resume is not None:
+            self._sampler.resume(self._resume["epoch"], self._resume["batches"])
+            self._resume = None
+        return self._loader(self.splits["train"], self._sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        return self._loader(self.splits["val"], ShardSampler(len(self.splits["val"]), num_replicas=world, rank=rank))
+
+    def state_dict(self) -> Dict[str, int]:
+        """Where the training data order stands, so a resumed run sees the same batches next."""
+        if self.trainer is None or self._sampler is None:
+            return {}
+        # The data position, not Lightning's epoch/batch counters: a run stopped by max_steps has already counted
+        # its unfinished epoch, and an epoch-end save would otherwise skip the whole next epoch.
+        epoch, batches = self._sampler.position()
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if state:
+            self._resume = dict(state)
+
+
+class DistillDataModule(TokenDataModule):
     """Token batches for draft distillation (and for plain LM training).
 
     ``source="target"`` samples responses to the prompts with the target (cached on disk as an Arrow
@@ -316,44 +520,19 @@ class DistillDataModule(LightningDataModule):
         tokenizer: Any = None,
         target: Any = None,
     ):
-        super().__init__()
         if source not in ("target", "fixed"):
             raise ValueError(f"source must be 'target' or 'fixed', got {source!r}")
-        if overlong not in OVERLONG_POLICIES:
-            raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
-        for name, value in (("batch_size", batch_size), ("max_length", max_length), ("max_new_tokens", max_new_tokens), ("gen_batch_size", gen_batch_size)):
+        for name, value in (("max_new_tokens", max_new_tokens), ("gen_batch_size", gen_batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if teacher_topk is not None and teacher_topk < 1:
             raise ValueError(f"teacher_topk must be >= 1 or None, got {teacher_topk}")
-        if val_files is None and val_size < 1:
-            raise ValueError("without val_files, val_size must hold out at least 1 record")
+        super().__init__(train_files, val_files, val_size, max_length, overlong, batch_size, num_workers, seed, cache_dir, tokenizer)
         self.save_hyperparameters(ignore=["tokenizer", "target"])
-        self.train_files, self.val_files = train_files, val_files
-        self.val_size, self.source = val_size, source
-        self.max_length, self.overlong = max_length, overlong
+        self.source = source
         self.gen = dict(max_new_tokens=max_new_tokens, temperature=gen_temperature, top_p=gen_top_p, batch_size=gen_batch_size)
         self.teacher_topk = teacher_topk
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "data"
-        self._tokenizer, self._target = tokenizer, target
-        self.splits: Dict[str, datasets.Dataset] = {}
-        self.stats: Dict[str, float] = {}
-        self._resume: Optional[Dict[str, int]] = None
-        self._sampler: Optional[ResumableSampler] = None
-
-    # -- the target and tokenizer: given here or taken from the module being trained -------------------
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None and self.trainer is not None:
-            self._tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
-        if isinstance(self._tokenizer, str):
-            from lightning_spec.models import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self._tokenizer)
-        if self._tokenizer is None:
-            raise ValueError("DistillDataModule needs a tokenizer: pass tokenizer= or train a module that has one")
-        return self._tokenizer
+        self._target = target
 
     @property
     def target(self):
@@ -364,25 +543,15 @@ class DistillDataModule(LightningDataModule):
         return self._target
 
     # -- building the splits ----------------------------------------------------------------------------
-    def _raw_splits(self) -> Dict[str, datasets.Dataset]:
-        train = read_records(self.train_files)
-        if self.val_files is not None:
-            return {"train": train, "val": read_records(self.val_files)}
-        if len(train) <= self.val_size:
-            raise ValueError(f"{len(train)} training records cannot spare val_size={self.val_size} for validation")
-        parts = train.train_test_split(test_size=self.val_size, seed=self.seed, shuffle=True)
-        return {"train": parts["train"], "val": parts["test"]}
-
-    def _split_path(self, name: str, raw: datasets.Dataset) -> Path:
-        key = _fingerprint(
+    def _split_key(self, name: str, raw: datasets.Dataset) -> Tuple:
+        return (
             raw._fingerprint, self.source, self.max_length, self.overlong, self.seed, name,
             self.gen if self.source == "target" else None,
             model_fingerprint(self.target) if self.source == "target" else None,
             self.tokenizer.name_or_path, len(self.tokenizer),
         )
-        return self.cache_dir / f"{name}-{key}"
 
-    def _build_split(self, name: str, raw: datasets.Dataset) -> datasets.Dataset:
+    def _build_split(self, name: str, raw: datasets.Dataset) -> Tuple[datasets.Dataset, Dict[str, float]]:
         kind = record_kind(raw.column_names)
         tok = self.tokenizer
         if self.source == "target":
@@ -405,10 +574,10 @@ class DistillDataModule(LightningDataModule):
             examples = [tokenize_record(tok, r, kind) for r in raw]
         fitted = [fit_length(e, self.max_length, self.overlong) for e in examples]
         kept = [e for e in fitted if e is not None and any(e["loss_mask"][1:])]
-        self.stats[f"{name}_dropped"] = len(raw) - len(kept)  # also overlong prompts and empty responses (source='target')
         if not kept:
             raise ValueError(f"the {name} split has no sample with tokens to learn from")
-        return datasets.Dataset.from_list(kept)
+        # also overlong prompts and empty responses (source='target')
+        return datasets.Dataset.from_list(kept), {f"{name}_dropped": len(raw) - len(kept)}
 
     @property
     def _temperature(self) -> float:
@@ -423,64 +592,18 @@ class DistillDataModule(LightningDataModule):
         idx, lp = teacher_topk(self.target.eval(), ds, self.teacher_topk, self._temperature, self.batch_size, self.tokenizer.pad_token_id)
         return ds.add_column("teacher_indices", idx).add_column("teacher_logprobs", lp)
 
-    def prepare_data(self) -> None:
-        """Build (or find cached) tokenized splits, generated responses and teacher top-k on disk."""
-        for name, raw in self._raw_splits().items():
-            path = self._split_path(name, raw)
-            if not path.is_dir():
-                self._build_split(name, raw).save_to_disk(str(path))
-            if name == "train" and self.teacher_topk:
-                tpath = self._teacher_path(path)
-                if not tpath.is_dir():
-                    self._add_teacher(datasets.load_from_disk(str(path))).save_to_disk(str(tpath))
+    def _cached_split(self, name: str, raw: datasets.Dataset) -> Path:
+        """The split, and for training with an offline teacher its copy with the target's top-k (cached too)."""
+        path = super()._cached_split(name, raw)
+        if name != "train" or not self.teacher_topk:
+            return path
+        tpath = self._teacher_path(path)
+        if not tpath.is_dir():
+            _save_split(self._add_teacher(datasets.load_from_disk(str(path))), _load_stats(path), tpath)
+        return tpath
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.splits:
-            return
-        for name, raw in self._raw_splits().items():
-            path = self._split_path(name, raw)
-            if name == "train" and self.teacher_topk:
-                path = self._teacher_path(path)
-            if not path.is_dir():
-                self.prepare_data()
-            self.splits[name] = datasets.load_from_disk(str(path))
-        train = self.splits["train"]
-        tokens = sum(sum(m) for m in train["loss_mask"])
-        self.stats.update(train_samples=len(train), train_tokens=tokens, val_samples=len(self.splits["val"]))
+    def _split_stats(self) -> Dict[str, float]:
+        stats = super()._split_stats()
         if self.teacher_topk:
-            self.stats["teacher_bytes_per_token"] = self.teacher_topk * (4 + 4)  # int32 id + float32 log-prob
-        rank_zero_info(f"data: {self.stats}")
-
-    # -- loaders ----------------------------------------------------------------------------------------
-    def _loader(self, ds: datasets.Dataset, sampler=None) -> DataLoader:
-        pad = self.tokenizer.pad_token_id
-        return DataLoader(
-            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=lambda rows: collate_tokens(rows, pad),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        self._sampler = ResumableSampler(len(self.splits["train"]), self.batch_size, num_replicas=world, rank=rank, seed=self.seed)
-        if self.trainer is not None:
-            self._sampler.counter = lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if self._resume is not None:
-            self._sampler.resume(self._resume["epoch"], self._resume["batches"])
-            self._resume = None
-        return self._loader(self.splits["train"], self._sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.splits["val"])
-
-    def state_dict(self) -> Dict[str, int]:
-        """Where the training data order stands, so a resumed run sees the same batches next."""
-        if self.trainer is None or self._sampler is None:
-            return {}
-        # The data position, not Lightning's epoch/batch counters: a run stopped by max_steps has already counted
-        # its unfinished epoch, and an epoch-end save would otherwise skip the whole next epoch.
-        epoch, batches = self._sampler.position()
-        return {"epoch": epoch, "batches": batches}
-
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        if state:
-            self._resume = dict(state)
+            stats["teacher_bytes_per_token"] = self.teacher_topk * (4 + 4)  # int32 id + float32 log-prob
+        return stats

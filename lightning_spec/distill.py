@@ -1,7 +1,6 @@
 """DraftDistillationModule: white-box distillation of a speculative-decoding draft toward a frozen target."""
 from __future__ import annotations
 
-import importlib
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -11,23 +10,10 @@ from torch import nn
 
 from lightning_spec.losses import SparseTeacher, check_loss_name, distill_loss, fidelity_sums
 from lightning_spec.metrics.functional import expected_accepted_length
-from lightning_spec.models import (
-    build_draft, check_vocab_compatible, load_causal_lm, load_model, next_token_logits,
+from lightning_spec.models import build_draft, check_vocab_compatible, load_causal_lm, load_model, next_token_logits
+from lightning_spec.training import (
+    check_dtype, default_optimizer, freeze, frozen_logits, global_token_normalizer, import_if_path, optimizer_config,
 )
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _default_optimizer(params):
-    return torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
-
-
-def _import_if_path(factory):
-    """LightningCLI (jsonargparse) hands a function default, or a function named in YAML, over as its import path."""
-    if not isinstance(factory, str):
-        return factory
-    module, _, name = factory.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 class DraftDistillationModule(LightningModule):
@@ -67,7 +53,7 @@ class DraftDistillationModule(LightningModule):
         on_policy_max_new_tokens: int = 64,
         on_policy_temperature: float = 1.0,
         seed: int = 0,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         tokenizer: Any = None,
     ):
@@ -79,8 +65,7 @@ class DraftDistillationModule(LightningModule):
             raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
         if not 0 <= on_policy_fraction <= 1:
             raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
-        if target_dtype is not None and target_dtype not in _DTYPES:
-            raise ValueError(f"target_dtype must be one of {list(_DTYPES)}, got {target_dtype!r}")
+        check_dtype("target_dtype", target_dtype)
         self.save_hyperparameters(ignore=["target", "draft", "optimizer", "lr_scheduler", "tokenizer"])
         if isinstance(target, (str,)) or hasattr(target, "__fspath__"):
             target, loaded_tokenizer = load_causal_lm(target)
@@ -90,9 +75,7 @@ class DraftDistillationModule(LightningModule):
         elif draft is None or isinstance(draft, dict):
             draft = build_draft(target, **(draft or {"num_layers": 4}))
         check_vocab_compatible(draft, target)
-        if target_dtype is not None:
-            target.to(_DTYPES[target_dtype])
-        target.eval().requires_grad_(False)
+        freeze(target, target_dtype)
         # Not a registered submodule: kept out of state_dict, checkpoints, DDP wrapping and .train().
         object.__setattr__(self, "target", target)
         self.draft = draft.train()
@@ -100,16 +83,12 @@ class DraftDistillationModule(LightningModule):
         self.draft.get_output_embeddings().requires_grad_(train_embeddings)
         self.tokenizer = tokenizer
         self.loss_name, self.temperature, self.jsd_beta = loss, float(temperature), jsd_beta
-        self.optimizer_factory, self.scheduler_factory = _import_if_path(optimizer), _import_if_path(lr_scheduler)
+        self.optimizer_factory, self.scheduler_factory = import_if_path(optimizer), import_if_path(lr_scheduler)
         self._val_sums: Optional[torch.Tensor] = None
 
     # -- forward passes ---------------------------------------------------------------------------------
     def _target_logits(self, ids, attn, select) -> torch.Tensor:
-        target = self.target
-        if next(target.parameters()).device != ids.device:
-            target.to(ids.device)
-        with torch.no_grad():
-            return next_token_logits(target, ids, attn, select).float()
+        return frozen_logits(self.target, ids, attn, select)
 
     def _teacher(self, batch, ids, attn, select):
         if "teacher_indices" in batch:
@@ -147,12 +126,6 @@ class DraftDistillationModule(LightningModule):
         loss_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), response_mask], 1)
         return ids, attn, loss_mask
 
-    def _normalizer(self, count: torch.Tensor) -> torch.Tensor:
-        """Loss positions per rank, averaged over the global batch: DDP's gradient mean then equals one
-        process's token mean over the same global batch, however unevenly ranks' tokens fall."""
-        total = self.trainer.strategy.reduce(count.float(), reduce_op="sum")
-        return (total / self.trainer.world_size).clamp_min(1.0)
-
     def _batch_sums(self, batch, on_policy: bool = False, fidelity: bool = True):
         """Loss summed over the batch's loss positions and their count, and (if ``fidelity``) the sums of α and
         greedy agreement there."""
@@ -180,7 +153,7 @@ class DraftDistillationModule(LightningModule):
         # α and agreement cost two passes over [tokens, V]: only on the steps the logger writes
         logging = self.trainer._logger_connector.should_update_logs
         loss_sum, n, fidelity = self._batch_sums(batch, on_policy=self._on_policy_step(), fidelity=logging)
-        loss = loss_sum / self._normalizer(n)
+        loss = loss_sum / global_token_normalizer(self.trainer, n)
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         if fidelity is not None:
@@ -218,8 +191,4 @@ class DraftDistillationModule(LightningModule):
         return {"alpha": alpha, "agreement": (sums[1] / sums[2].clamp_min(1)).item(), "tau": expected_accepted_length(alpha, gamma), "tokens": int(sums[2])}
 
     def configure_optimizers(self):
-        params = [p for p in self.draft.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return optimizer_config(self.optimizer_factory, self.scheduler_factory, [p for p in self.draft.parameters() if p.requires_grad])

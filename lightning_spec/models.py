@@ -170,20 +170,52 @@ def build_draft(
     return draft
 
 
+def model_from_spec(spec: Union[str, os.PathLike, dict, torch.nn.Module]):
+    """Return ``(model, tokenizer or None)`` from a YAML-friendly description of the model to train.
+
+    ``spec`` is a model; a source for `load_causal_lm` (embedded name, GGUF file, HF directory); a dict with
+    ``source`` and `build_draft` arguments (``{"source": s, "config": {"num_hidden_layers": 4}, "init": "random"}``
+    is a fresh 4-layer model with s's vocabulary and tokenizer); or a dict of config fields with ``model_type``
+    (a fresh model of that architecture, no tokenizer).
+
+    Example::
+
+        model, tokenizer = model_from_spec({"source": "smollm2-135m-instruct", "num_layers": 4, "init": "random"})
+    """
+    if isinstance(spec, torch.nn.Module):
+        return spec, None
+    if isinstance(spec, (str, os.PathLike)):
+        return load_causal_lm(spec)
+    if not isinstance(spec, dict):
+        raise TypeError(f"model must be a module, a source path/name or a dict, got {type(spec).__name__}")
+    fields = dict(spec)
+    if "source" in fields:
+        source, tokenizer = load_causal_lm(fields.pop("source"))
+        return build_draft(source, **fields), tokenizer
+    if "model_type" in fields:
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**fields), dtype=torch.float32), None
+    raise ValueError(f"a model dict needs 'source' (with build_draft arguments) or 'model_type' (config fields); got keys {sorted(fields)}")
+
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore padding on either side (left-padded prompts, right-padded batches)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def next_token_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+def next_token_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Logits predicting token t+1 at the positions t where ``select`` [B, T-1] is true, as [N, V].
 
-    The head runs only on the selected positions: on a small draft the vocabulary projection is most of
-    the cost, and prompt or padding positions would waste it.
+    ``attention_mask`` is the usual [B, T] padding mask, or an additive [B, 1, T, T] mask (packed rows) given
+    with its ``position_ids``. The head runs only on the selected positions: on a small draft the vocabulary
+    projection is most of the cost, and prompt or padding positions would waste it.
     """
+    if position_ids is None:
+        position_ids = position_ids_for(attention_mask)
     hidden = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask)
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     logits = model.get_output_embeddings()(hidden[:, :-1][select])
     softcap = getattr(model.config, "final_logit_softcapping", None)

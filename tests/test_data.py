@@ -6,7 +6,7 @@ import torch
 import lightning_spec.data as data
 from conftest import make_tiny_target, qa_records
 from lightning_spec.data import (
-    DistillDataModule, ResumableSampler, collate_tokens, fit_length, prompt_ids, read_records, record_kind, tokenize_record,
+    DistillDataModule, ResumableSampler, ShardSampler, collate_tokens, fit_length, prompt_ids, read_records, record_kind, tokenize_record,
 )
 
 CHAT = {
@@ -47,6 +47,19 @@ def test_read_records_rejects_mixed_formats(tmp_path, write_jsonl):
 def test_read_builtin_prompts():
     ds = read_records("builtin:prompts")
     assert len(ds) == 600 and record_kind(ds.column_names) == "prompt"
+
+
+@pytest.mark.parametrize("sample_by,count", [("line", 5), ("paragraph", 2), ("document", 1)])  # the blank line is a line
+def test_text_files_by_line_paragraph_or_document(tmp_path, sample_by, count):
+    (tmp_path / "doc.txt").write_text("one\ntwo\n\nthree\nfour\n")
+    assert len(read_records(str(tmp_path / "doc.txt"), sample_by=sample_by)) == count
+
+
+def test_unknown_builtin_and_text_unit_are_named():
+    with pytest.raises(ValueError, match="'builtin:poems'.*builtin:chat"):
+        read_records("builtin:poems")
+    with pytest.raises(ValueError, match="sample_by"):
+        read_records("builtin:corpus", sample_by="page")
 
 
 @pytest.mark.parametrize(
@@ -198,6 +211,11 @@ def test_sampler_position_counts_consumed_batches():
     iter(sampler).__next__()  # the pass begins (prefetching does not count as consumed)
     consumed[0] = 3
     assert sampler.position() == (2, 9)
+
+
+def test_shard_sampler_gives_every_record_to_one_rank():
+    shards = [list(ShardSampler(7, num_replicas=3, rank=r)) for r in range(3)]
+    assert shards == [[0, 3, 6], [1, 4], [2, 5]] and [len(ShardSampler(7, num_replicas=3, rank=r)) for r in range(3)] == [3, 2, 2]
 
 
 def test_sampler_needs_one_global_batch():
