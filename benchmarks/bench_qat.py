@@ -124,7 +124,7 @@ def main() -> None:
                             recovery(rows[0][2]["ppl"], ptq_score["ppl"], score["ppl"]), qat_step / fp_step))
 
     print(f"\nheld-out: {sum(int(s.sum()) for *_, s, _ in held_out.batches)} tokens of target-generated text; fp step {fp_step:.2f} s")
-    print(f"\n| scheme | model | α | agreement | perplexity | step time / fp |\n|---|---|---|---|---|---|")
+    print("\n| scheme | model | α | agreement | perplexity | step time / fp |\n|---|---|---|---|---|---|")
     for scheme, kind, s, ratio in rows:
         print(f"| {scheme} | {kind} | {s['alpha']:.4f} | {s['agreement']:.4f} | {s['ppl']:.3f} | {'' if math.isnan(ratio) else f'{ratio:.2f}x'} |")
     print("\n| scheme | model | α recovered | perplexity recovered | step time / fp |\n|---|---|---|---|---|")
