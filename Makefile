@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_verify.py
 	test -d artifacts/smollm2_draft || $(MAKE) demo
 	$(BIN)/python benchmarks/bench_speculative.py
+	$(BIN)/python benchmarks/bench_qat.py
 
 clean:
 	rm -rf $(VENV) artifacts .cache build *.egg-info lightning_spec/_C*.so

@@ -15,14 +15,14 @@ import argparse
 import copy
 import math
 import statistics
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning import Callback, Trainer, seed_everything
+from lightning import Trainer, seed_everything
 
+from bench_distill import StepTimer  # benchmarks run as scripts from this folder
 from lightning_spec import DistillDataModule, DraftDistillationModule, QATScheduler, load_causal_lm
 from lightning_spec.losses import fidelity_sums
 from lightning_spec.models import build_draft, load_model, next_token_logits
@@ -33,18 +33,6 @@ DEMO_DATA = dict(train_files="builtin:prompts", val_size=40, source="target", ma
                  gen_top_p=1.0, gen_batch_size=80, teacher_topk=64, batch_size=8)
 # (label, weight, group_size, activation): int4 g32 weight-only, and int8 dynamic activations + int4 weights
 SCHEMES = [("int4 g32", "int4", 32, None), ("8da4w g32", "int4", 32, "int8")]
-
-
-class StepTimer(Callback):
-    def __init__(self):
-        self.times = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx > 0:  # the first step warms up
-            self.times.append(time.perf_counter() - self._start)
 
 
 def start_draft(path: str, target):

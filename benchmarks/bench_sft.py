@@ -20,27 +20,13 @@ import tempfile
 import time
 
 import torch
-from lightning import Callback, Trainer
+from lightning import Trainer
 
+from bench_distill import StepTimer  # benchmarks run as scripts from this folder
 from lightning_spec import CausalLMDataModule, CausalLMModule, WarmupDecayLR, build_draft, load_causal_lm
 from lightning_spec.losses import distill_loss
 from lightning_spec.models import next_token_logits
 from lightning_spec.packing import attention_inputs
-
-
-class StepTimer(Callback):
-    """Wall time and loss positions of each training step after the first (warm-up)."""
-
-    def __init__(self):
-        self.times, self.tokens = [], []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx > 0:
-            self.times.append(time.perf_counter() - self._t)
-            self.tokens.append(int((batch["loss_mask"][:, 1:] & batch["attention_mask"][:, 1:].bool()).sum()))
 
 
 def adamw(params):

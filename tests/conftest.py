@@ -7,7 +7,7 @@ os.environ.setdefault("LIGHTNING_SPEC_CACHE", str(Path(__file__).resolve().paren
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_spec.data import DistillDataModule
@@ -15,6 +15,34 @@ from lightning_spec.distill import DraftDistillationModule
 from lightning_spec.models import load_tokenizer, resolve_source
 
 TOPICS = ["soup", "bread", "rivers", "chess", "python", "tea", "maps", "birds", "glass", "clocks"]
+
+
+# A conversation with two assistant turns.
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "Blue, like the sky."},
+    ]
+}
+
+
+class LossRecorder(Callback):
+    """Records each step's training loss; stateful, so a resumed run also restores the steps before the break."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+    def state_dict(self):
+        return {"losses": list(self.losses)}
+
+    def load_state_dict(self, state_dict):
+        self.losses = list(state_dict["losses"])
 
 
 def make_tiny_target(seed: int = 0, num_layers: int = 4) -> LlamaForCausalLM:

@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from causal_lm_ddp_worker import train as ddp_train
-from conftest import make_tiny_target
+from conftest import CHAT, LossRecorder, make_tiny_target
 from lightning_spec import CausalLMDataModule, CausalLMModule, DraftDistillationModule, ExportHF, QATScheduler, WarmupDecayLR
 from lightning_spec.cli import build_cli
 from lightning_spec.data import read_records, record_kind
@@ -26,15 +25,6 @@ from lightning_spec.packing import attention_inputs, block_causal_mask, chunk_do
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 WORKER = Path(__file__).with_name("causal_lm_ddp_worker.py")
-CHAT = {
-    "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello! How can I help?"},
-        {"role": "user", "content": "Name a color."},
-        {"role": "assistant", "content": "Blue, like the sky."},
-    ]
-}
 WORDS = "the quick brown fox jumps over a lazy dog while seven bright stars rise above quiet hills".split()
 
 
@@ -381,22 +371,6 @@ def test_warmup_decay_schedule():
     assert [linear.factor(s) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
     with pytest.raises(ValueError, match="total_steps"):
         WarmupDecayLR(opt, warmup_steps=5, total_steps=5)
-
-
-class LossRecorder(Callback):
-    """Each step's training loss; stateful, so a resumed run also restores the steps before the break."""
-
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
-
-    def state_dict(self):
-        return {"losses": list(self.losses)}
-
-    def load_state_dict(self, state_dict):
-        self.losses = list(state_dict["losses"])
 
 
 @pytest.mark.parametrize("stop", ["mid_epoch_checkpoint", "stopped_by_max_steps"])

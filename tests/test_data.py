@@ -4,20 +4,11 @@ import pytest
 import torch
 
 import lightning_spec.data as data
-from conftest import make_tiny_target, qa_records
+from conftest import CHAT, make_tiny_target, qa_records
 from lightning_spec.data import (
     DistillDataModule, ResumableSampler, ShardSampler, collate_tokens, fit_length, prompt_ids, read_records, record_kind, tokenize_record,
 )
 
-CHAT = {
-    "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello! How can I help?"},
-        {"role": "user", "content": "Name a color."},
-        {"role": "assistant", "content": "Blue, like the sky."},
-    ]
-}
 
 
 # -- reading files ----------------------------------------------------------------------------------------

@@ -1,26 +1,9 @@
 import pytest
 import torch
-from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import make_tiny_target
+from conftest import LossRecorder, make_tiny_target
 from lightning_spec.distill import DraftDistillationModule
-
-
-class LossRecorder(Callback):
-    """Records each step's training loss; stateful, so a resumed run also restores the steps before the break."""
-
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
-
-    def state_dict(self):
-        return {"losses": list(self.losses)}
-
-    def load_state_dict(self, state_dict):
-        self.losses = list(state_dict["losses"])
 
 
 def module(tokenizer):
