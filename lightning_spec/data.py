@@ -195,14 +195,22 @@ def generate_responses(
     top_p: float = 0.95,
     batch_size: int = 32,
     seed: int = 0,
+    teacher_topk: Optional[int] = None,
+    teacher_temperature: float = 1.0,
     desc: str = "generating",
-) -> List[List[int]]:
-    """Sample a response for each prompt with the target (batched, left-padded, KV cache); EOS kept."""
+) -> List[Dict[str, list]]:
+    """Sample a response for each prompt with the target (batched by length, left-padded, KV cache, finished rows
+    leave the batch); EOS kept. Returns one ``{"response": ids}`` per prompt; with ``teacher_topk=k`` also the
+    offline teacher of the response, recorded while sampling (the target's top-k log-probs at
+    ``teacher_temperature`` for each response token, the same numbers a teacher-forced pass gives) as
+    ``teacher_indices``/``teacher_logprobs``, so no second pass over the data is needed."""
+    from lightning_spec.decoding import target_generate  # decoding imports the models this module serves
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: List[Optional[List[int]]] = [None] * len(prompts)
+    out: List[Dict[str, list]] = [{} for _ in prompts]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     for b, start in enumerate(tqdm(range(0, len(order), batch_size), desc=desc, unit="batch")):
         idx = order[start : start + batch_size]
@@ -212,17 +220,27 @@ def generate_responses(
         for r, i in enumerate(idx):
             ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             attn[r, width - len(prompts[i]) :] = 1
-        torch.manual_seed(seed * 100_003 + b)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
-            pad_token_id=pad, eos_token_id=eos, top_k=None, **sampling,
-        )[:, width:].tolist()
+        recorded: List[List[Tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in idx]
+
+        def record(rows: List[int], logits: torch.Tensor) -> None:
+            top = sparse_teacher_from_logits(logits, teacher_topk, teacher_temperature)
+            for r, i, lp in zip(rows, top.indices.cpu(), top.logprobs.cpu()):
+                recorded[r].append((i, lp))
+
+        generator = torch.Generator(device).manual_seed(seed * 100_003 + b)
+        gen = target_generate(
+            model, ids.to(device), max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
+            attention_mask=attn.to(device), eos_token_id=eos, pad_token_id=pad, logits_hook=record if teacher_topk else None,
+        ).tokens[:, width:].tolist()
         for r, i in enumerate(idx):
             resp = gen[r]
-            out[i] = resp[: resp.index(eos) + 1] if eos in resp else resp
+            resp = resp[: resp.index(eos) + 1] if eos in resp else resp  # no EOS: it ran to max_new_tokens, unpadded
+            out[i]["response"] = resp
+            if teacher_topk:
+                out[i]["teacher_indices"] = [t.int().tolist() for t, _ in recorded[r][: len(resp)]]
+                out[i]["teacher_logprobs"] = [lp.tolist() for _, lp in recorded[r][: len(resp)]]
     model.train(was_training)
-    return out  # type: ignore[return-value]
+    return out
 
 
 @torch.no_grad()
@@ -548,6 +566,7 @@ class DistillDataModule(TokenDataModule):
             raw._fingerprint, self.source, self.max_length, self.overlong, self.seed, name,
             self.gen if self.source == "target" else None,
             model_fingerprint(self.target) if self.source == "target" else None,
+            self._recorded_teacher(name) and (self.teacher_topk, self._temperature),
             self.tokenizer.name_or_path, len(self.tokenizer),
         )
 
@@ -565,15 +584,25 @@ class DistillDataModule(TokenDataModule):
             target = self.target
             device = self.trainer.strategy.root_device if self.trainer is not None else next(target.parameters()).device
             home = next(target.parameters()).device
-            responses = generate_responses(target.to(device), tok, prompts, seed=self.seed + (name == "val"), desc=f"target generates {name}", **self.gen)
+            teacher = dict(teacher_topk=self.teacher_topk, teacher_temperature=self._temperature) if self._recorded_teacher(name) else {}
+            generated = generate_responses(target.to(device), tok, prompts, seed=self.seed + (name == "val"),
+                                           desc=f"target generates {name}", **teacher, **self.gen)
             target.to(home)
-            examples = [{"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r)} for p, r in zip(prompts, responses) if r]
+            examples = []
+            for p, g in zip(prompts, generated):
+                r = g.pop("response")
+                if r:
+                    examples.append({"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r), **g})
         else:
             if kind == "prompt":
                 raise ValueError("source='fixed' needs responses or text; prompts alone need source='target'")
             examples = [tokenize_record(tok, r, kind) for r in raw]
         fitted = [fit_length(e, self.max_length, self.overlong) for e in examples]
         kept = [e for e in fitted if e is not None and any(e["loss_mask"][1:])]
+        for e in kept:  # a truncated response keeps the teacher of its kept tokens only
+            for column in ("teacher_indices", "teacher_logprobs"):
+                if column in e:
+                    e[column] = e[column][: sum(e["loss_mask"][1:])]
         if not kept:
             raise ValueError(f"the {name} split has no sample with tokens to learn from")
         # also overlong prompts and empty responses (source='target')
@@ -592,10 +621,15 @@ class DistillDataModule(TokenDataModule):
         idx, lp = teacher_topk(self.target.eval(), ds, self.teacher_topk, self._temperature, self.batch_size, self.tokenizer.pad_token_id)
         return ds.add_column("teacher_indices", idx).add_column("teacher_logprobs", lp)
 
+    def _recorded_teacher(self, name: str) -> bool:
+        """Whether the split's offline teacher is recorded while the target generates it (no separate pass)."""
+        return name == "train" and bool(self.teacher_topk) and self.source == "target"
+
     def _cached_split(self, name: str, raw: datasets.Dataset) -> Path:
-        """The split, and for training with an offline teacher its copy with the target's top-k (cached too)."""
+        """The split, and for training on fixed data with an offline teacher its copy with the target's top-k
+        (cached too; generated data records its teacher while it is generated)."""
         path = super()._cached_split(name, raw)
-        if name != "train" or not self.teacher_topk:
+        if name != "train" or not self.teacher_topk or self._recorded_teacher(name):
             return path
         tpath = self._teacher_path(path)
         if not tpath.is_dir():

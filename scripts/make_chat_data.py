@@ -48,7 +48,7 @@ def answer(model, tokenizer, conversations, max_new_tokens: int, seed: int):
         for c in conversations
     ]
     prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
-    responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, batch_size=24, seed=seed)
+    responses = [g["response"] for g in generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, batch_size=24, seed=seed)]
     eos = tokenizer.eos_token_id
     return [tokenizer.decode(r[:-1], skip_special_tokens=True).strip() if r and r[-1] == eos else None for r in responses]
 

@@ -288,6 +288,32 @@ def test_teacher_topk_columns(qa_datamodule, tiny_target):
     torch.testing.assert_close(torch.tensor(train["teacher_logprobs"][0]), top.values, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("room", [None, 3])
+def test_generated_split_records_its_teacher(tmp_path, write_jsonl, tokenizer, tiny_target, monkeypatch, room):
+    """Generated data gets its offline teacher while the target samples it (no second pass over the data): the
+    same top-k a teacher-forced pass gives, cut with the response when max_length truncates it."""
+    records = [{"prompt": f"Question {i}?"} for i in range(6)]
+    monkeypatch.setattr(data, "teacher_topk", lambda *a, **k: pytest.fail("a second teacher pass ran"))
+    longest = max(len(data.prompt_ids(tokenizer, r, "prompt")) for r in records)
+    dm = DistillDataModule(
+        train_files=write_jsonl(records), source="target", val_size=2, max_new_tokens=6, gen_temperature=1.0, gen_batch_size=3,
+        teacher_topk=3, batch_size=2, cache_dir=str(tmp_path / "cache"), tokenizer=tokenizer, target=tiny_target,
+        **(dict(max_length=longest + room, overlong="truncate") if room else {}),
+    )
+    dm.setup("fit")
+    train = dm.splits["train"]
+    assert "teacher_indices" not in dm.splits["val"].column_names
+    for ids, mask, idx, lp in zip(train["input_ids"], train["loss_mask"], train["teacher_indices"], train["teacher_logprobs"]):
+        ids, mask = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+        assert len(idx) == len(lp) == int(mask[1:].sum())
+        with torch.no_grad():
+            top = torch.log_softmax(tiny_target(ids[None]).logits[0, :-1][mask[1:]], -1).topk(3, -1)
+        assert torch.tensor(idx).tolist() == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor(lp), top.values, rtol=1e-4, atol=1e-4)
+    if room:
+        assert max(len(ids) for ids in train["input_ids"]) == longest + room
+
+
 @pytest.mark.parametrize("source", ["fixed", "target"])
 def test_overlong_policies(tmp_path, write_jsonl, tokenizer, tiny_target, source):
     records = [{"prompt": f"Short {i}?", "response": "Yes."} for i in range(5)]

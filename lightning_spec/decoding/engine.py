@@ -9,7 +9,7 @@ the baseline that speedups are measured against.
 """
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -206,7 +206,8 @@ class _Draft:
         self.pending, self.pending_valid = self.pending[rows], self.pending_valid[rows]
 
 
-def _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p, generator, attention_mask, eos_token_id, pad_token_id):
+def _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p, generator, attention_mask, eos_token_id, pad_token_id,
+            logits_hook=None):
     _check_inputs(target, input_ids, attention_mask, max_new_tokens, temperature, top_p)
     start = time.perf_counter()
     eos, pad = _special_ids(target, eos_token_id, pad_token_id)
@@ -236,6 +237,8 @@ def _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p
         if drafter is None:
             logits = target_lm.forward(root[:, None], target_lm.length[:, None], torch.ones(1, 1, 1, dtype=torch.bool, device=device))
             target_lm.commit(torch.ones(live, 1, dtype=torch.bool, device=device))
+            if logits_hook is not None:
+                logits_hook(rows, logits[:, 0])
             probs = warp(logits[:, 0], temperature, top_p)
             next_token = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)[:, 0]
             emitted = [[t] for t in next_token.tolist()]
@@ -342,7 +345,13 @@ def target_generate(
     attention_mask: Optional[Tensor] = None,
     eos_token_id: Optional[Union[int, Sequence[int]]] = None,
     pad_token_id: Optional[int] = None,
+    logits_hook: Optional[Callable[[List[int], Tensor], None]] = None,
 ) -> GenerationOutput:
     """Plain autoregressive decoding of ``target`` in the same engine (the speedup baseline); same arguments
-    and outputs as `speculative_generate`."""
-    return _decode(target, None, input_ids, max_new_tokens, None, temperature, top_p, generator, attention_mask, eos_token_id, pad_token_id)
+    and outputs as `speculative_generate`. Finished rows leave the batch, so they cost nothing.
+
+    ``logits_hook(rows, logits)`` sees every step before its sampling: the input rows still generating and the
+    target's float32 logits [len(rows), V] for the token each is about to emit (one call per emitted token).
+    """
+    return _decode(target, None, input_ids, max_new_tokens, None, temperature, top_p, generator, attention_mask, eos_token_id, pad_token_id,
+                   logits_hook)
