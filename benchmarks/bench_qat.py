@@ -1,13 +1,18 @@
-"""How much of post-training quantization's loss QAT recovers, on the distilled SmolLM2 draft.
+"""How much of post-training quantization's loss QAT recovers, on the distilled SmolLM2 draft or on SmolLM2 itself.
 
-From the same fp draft (``make demo``'s export, or the target's first 4 layers), the same distillation steps run
-three ways on the demo's target-generated data: in full precision (fp), and with a QATScheduler per scheme (QAT;
-the fp target teaches the quantized draft). PTQ is quantize_model on the fp run's result; QAT is convert() on the QAT
-run's. Each is scored on the held-out split against the fp target: α (mean Σ min(p, q)), greedy agreement, and the
-draft's perplexity on the held-out text. Recovery = (QAT - PTQ) / (fp - PTQ) in α and in perplexity (goal ≥ 70%;
+``--model draft``: from the same fp draft (``make demo``'s export, or the target's first 4 layers), the same
+distillation steps run three ways on the demo's target-generated data: in full precision (fp), and with a
+QATScheduler per scheme (QAT; the fp target teaches the quantized draft). PTQ is quantize_model on the fp run's
+result; QAT is convert() on the QAT run's.
+``--model target``: QAT of the target for low-precision serving. fp is the target itself (α = 1 by definition);
+PTQ quantizes it; QAT self-distills it (the fp target teaches its own fake-quantized copy). A short fp run of the
+same module gives the step time QAT is compared with.
+
+Each model is scored on the held-out split against the fp target: α (mean Σ min(p, q)), greedy agreement, and
+perplexity on the held-out text. Recovery = (QAT - PTQ) / (fp - PTQ) in α and in perplexity (goal ≥ 70%;
 torchao: 68-96%). Step time of QAT over fp is the median over the run's steps (goal ≤ 1.3x).
 
-    python benchmarks/bench_qat.py [--steps 60] [--lr 2e-4] [--draft artifacts/smollm2_draft] [--learn-scales]
+    python benchmarks/bench_qat.py [--model draft|target] [--steps 60] [--lr 2e-4] [--draft artifacts/smollm2_draft] [--learn-scales]
 """
 from __future__ import annotations
 
@@ -77,8 +82,9 @@ def recovery(fp: float, ptq: float, qat: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=("draft", "target"), default="draft", help="what is quantized")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=None, help="default: 2e-4 for the draft, 2e-5 for the target")
     parser.add_argument("--draft", default="artifacts/smollm2_draft", help="fp draft to start from (else the target's layers 0-3)")
     parser.add_argument("--learn-scales", action="store_true", help="also run QAT with learned (LSQ) scales")
     args = parser.parse_args()
@@ -89,15 +95,20 @@ def main() -> None:
     datamodule.prepare_data()
     datamodule.setup("fit")
     held_out = HeldOut(target, datamodule.val_dataloader())
-    start = start_draft(args.draft, target)
-    print(f"start: {args.draft if Path(args.draft).is_dir() else 'cut of layers 0-3'}; {args.steps} steps of fkl distillation at lr {args.lr}")
-
-    fp_draft, fp_step = train(copy.deepcopy(start), target, tokenizer, datamodule, args.steps, args.lr)
-    rows = [("fp", "-", held_out.score(fp_draft), 1.0)]
+    args.lr = args.lr or (2e-4 if args.model == "draft" else 2e-5)
+    if args.model == "draft":
+        start = start_draft(args.draft, target)
+        print(f"start: {args.draft if Path(args.draft).is_dir() else 'cut of layers 0-3'}; {args.steps} steps of fkl distillation at lr {args.lr}")
+        fp_model, fp_step = train(copy.deepcopy(start), target, tokenizer, datamodule, args.steps, args.lr)
+    else:
+        start = copy.deepcopy(target)
+        print(f"start: the target; {args.steps} steps of fkl self-distillation at lr {args.lr}")
+        fp_model, (_, fp_step) = target, train(copy.deepcopy(start), target, tokenizer, datamodule, min(args.steps, 10), args.lr)
+    rows = [("fp", "-", held_out.score(fp_model), 1.0)]
     variants = [("QAT", False)] + ([("QAT+LSQ", True)] if args.learn_scales else [])
     summary = []
     for label, weight, group, activation in SCHEMES:
-        ptq = copy.deepcopy(fp_draft)
+        ptq = copy.deepcopy(fp_model)
         quantize_model(ptq, weight, group, activation=activation)
         ptq_score = held_out.score(ptq)
         rows.append((label, "PTQ", ptq_score, float("nan")))

