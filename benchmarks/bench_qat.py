@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning import Trainer, seed_everything
 
 from bench_distill import StepTimer  # benchmarks run as scripts from this folder
@@ -33,9 +34,8 @@ from lightning_spec.losses import fidelity_sums
 from lightning_spec.models import build_draft, load_model, next_token_logits
 from lightning_spec.quant import convert, quantize_model
 
-# the demo's data (examples/smollm2_draft.yaml): its on-disk cache is reused
-DEMO_DATA = dict(train_files="builtin:prompts", val_size=40, source="target", max_new_tokens=96, gen_temperature=0.7,
-                 gen_top_p=1.0, gen_batch_size=80, teacher_topk=64, batch_size=8)
+# the demo's data, read from its config so that its on-disk cache is reused
+DEMO_DATA = yaml.safe_load((Path(__file__).parents[1] / "examples" / "smollm2_draft.yaml").read_text())["data"]["init_args"]
 # (label, weight, group_size, activation): int4 g32 weight-only, and int8 dynamic activations + int4 weights
 SCHEMES = [("int4 g32", "int4", 32, None), ("8da4w g32", "int4", 32, "int8")]
 
