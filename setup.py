@@ -11,12 +11,12 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 CSRC = Path("csrc")
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]  # the C++ standard is torch's (C++20)
-sources = [str(CSRC / "ops.cpp"), str(CSRC / "verify.cpp"), str(CSRC / "qmatmul.cpp")]
+sources = [str(CSRC / f) for f in ("ops.cpp", "verify.cpp", "qmatmul.cpp", "fake_quant.cpp")]
 
 if torch.cuda.is_available() and CUDA_HOME is not None:
     extension = CUDAExtension(
         "lightning_spec._C",
-        sources + [str(CSRC / f) for f in ("verify_cuda.cpp", "verify.cu", "qmatmul_cuda.cpp", "qmatmul.cu")],
+        sources + [str(CSRC / f) for f in ("verify_cuda.cpp", "verify.cu", "qmatmul_cuda.cpp", "qmatmul.cu", "fake_quant_cuda.cpp", "fake_quant.cu")],
         define_macros=[("LIGHTNING_SPEC_WITH_CUDA", None)],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "--fmad=false"]},
         extra_link_args=["-lgomp"],

@@ -2,6 +2,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "fake_quant.h"
 #include "qmatmul.h"
 #include "verify.h"
 
@@ -18,17 +19,22 @@ TORCH_LIBRARY(lightning_spec, m) {
   m.def(
       "quantized_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, str scheme, int group_size, "
       "Tensor? bias) -> Tensor");
+  m.def(
+      "fake_quantize(Tensor input, Tensor(a!) scale, Tensor(b!)? zero, str scheme, int group_size, bool observe) -> "
+      "(Tensor out, Tensor inside)");
   m.def("qmatmul_cpu_isa() -> str", [] { return lightning_spec::qmatmul_cpu_isa(); });
 }
 
 TORCH_LIBRARY_IMPL(lightning_spec, CPU, m) {
   m.impl("verify_tree", &lightning_spec::verify_tree_cpu);
   m.impl("quantized_linear", &lightning_spec::quantized_linear_cpu);
+  m.impl("fake_quantize", &lightning_spec::fake_quantize_cpu);
 }
 
 #ifdef LIGHTNING_SPEC_WITH_CUDA
 TORCH_LIBRARY_IMPL(lightning_spec, CUDA, m) {
   m.impl("verify_tree", &lightning_spec::verify_tree_cuda);
   m.impl("quantized_linear", &lightning_spec::quantized_linear_cuda);
+  m.impl("fake_quantize", &lightning_spec::fake_quantize_cuda);
 }
 #endif

@@ -13,7 +13,7 @@ CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("source", ["verify.cu", "qmatmul.cu"])
+@pytest.mark.parametrize("source", ["verify.cu", "qmatmul.cu", "fake_quant.cu"])
 def test_cuda_kernel_compiles(tmp_path, source):
     start = time.monotonic()
     out = tmp_path / f"{source}.o"
@@ -25,7 +25,7 @@ def test_cuda_kernel_compiles(tmp_path, source):
 
 
 @pytest.mark.skipif(not (CUDA_INCLUDE / "cuda_runtime.h").is_file(), reason="no CUDA toolkit headers")
-@pytest.mark.parametrize("source", ["verify_cuda.cpp", "qmatmul_cuda.cpp"])
+@pytest.mark.parametrize("source", ["verify_cuda.cpp", "qmatmul_cuda.cpp", "fake_quant_cuda.cpp"])
 def test_cuda_host_wrapper_compiles(tmp_path, source):
     from torch.utils.cpp_extension import include_paths
 

@@ -15,7 +15,8 @@ from lightning_spec.callbacks import QATScheduler
 from lightning_spec.distill import DraftDistillationModule
 from lightning_spec.quant import FakeQuantLinear, QuantizedLinear, convert, dequantize_weight, prepare_qat, quantize_weight
 from lightning_spec.quant.fake import FROZEN, OBSERVE, OFF
-from lightning_spec.quant.numerics import fake_quantize_activation, fake_quantize_weight, quantize_activation, qrange
+from lightning_spec.ops.fake_quant import fake_quantize_activation, fake_quantize_weight
+from lightning_spec.quant.numerics import quantize_activation, qrange
 
 # (weight, group_size, activation)
 CONFIGS = [("int4", 32, None), ("int4", 64, None), ("int4_asym", 32, None), ("int8", None, None), ("int8", None, "int8"),

@@ -134,3 +134,22 @@ def quantized_linear(x, packed, scales, zeros=None, *, scheme, group_size=None, 
         x2 = codes.double() * scale.double()[:, None]
     y = torch.nn.functional.linear(x2, weight, bias.double() if bias is not None else None)
     return y.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
+
+
+def fake_quantize(input, scale, zero=None, *, scheme, group_size=None, observe=False):
+    """Reference of lightning_spec.ops.fake_quantize: the numerics' PyTorch expressions, one pass each."""
+    from lightning_spec.ops.fake_quant import check_fake_quantize_args
+    from lightning_spec.quant.numerics import _codes, qrange, weight_qparams
+
+    check_fake_quantize_args(input, scale, zero, scheme, group_size)
+    if observe:
+        observed_scale, observed_zero = weight_qparams(input, scheme, group_size)
+        scale.copy_(observed_scale)
+        if zero is not None:
+            zero.copy_(observed_zero)
+    rows, groups = scale.shape
+    s = scale[:, :, None]
+    z = zero[:, :, None] if zero is not None else None
+    code, inside = _codes(input.reshape(rows, groups, -1) / s, z, *qrange(scheme))
+    out = (code - z) * s if z is not None else code * s
+    return out.reshape(input.shape), inside.reshape(input.shape)

@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_spec.ops.fake_quant import fake_quantize_activation, fake_quantize_weight
 from lightning_spec.quant.linear import QuantizedLinear, select_linears
-from lightning_spec.quant.numerics import (
-    _TINY, check_activation, check_scheme, fake_quantize_activation, fake_quantize_weight, weight_qparams,
-)
+from lightning_spec.quant.numerics import _TINY, check_activation, check_scheme, weight_qparams
 
 OFF, OBSERVE, FROZEN = 0, 1, 2
 PHASES = ("off", "observe", "frozen")
@@ -97,13 +96,12 @@ class FakeQuantLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.phase == OFF:
             return super().forward(x)
-        scale, zero = self.qparams()
-        if self.phase == OBSERVE:
-            with torch.no_grad():  # the last statistics, saved with the checkpoint
-                self.weight_scale.copy_(scale)
-                if zero is not None:
-                    self.weight_zero.copy_(zero)
-        weight = fake_quantize_weight(self.weight, self.scheme, self.group_size, scale, zero).to(self.weight.dtype)
+        if self.phase == OBSERVE:  # the op writes the statistics into the buffers: the last ones go into checkpoints
+            scale, zero = self.weight_scale.detach(), self.weight_zero
+        else:
+            scale, zero = self.qparams()
+        weight = fake_quantize_weight(self.weight, self.scheme, self.group_size, scale, zero, observe=self.phase == OBSERVE)
+        weight = weight.to(self.weight.dtype)
         if self.activation == "int8" or self.scheme == "w8a8":
             x = fake_quantize_activation(x).to(x.dtype)
         return F.linear(x, weight, self.bias)

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 import lightning_spec.ops.qmatmul as qmatmul
-from lightning_spec.quant.numerics import check_activation, check_scheme, dequantize_weight, fake_quantize_activation, quantize_weight
+from lightning_spec.ops.fake_quant import fake_quantize_activation
+from lightning_spec.quant.numerics import check_activation, check_scheme, dequantize_weight, quantize_weight
 
 
 class QuantizedLinear(nn.Module):

@@ -82,32 +82,6 @@ def _codes(v: Tensor, zero: Optional[Tensor], qmin: int, qmax: int) -> Tuple[Ten
     return code.clamp_(qmin, qmax), inside
 
 
-class _FakeQuantize(torch.autograd.Function):
-    """(clamp(round(x / s) + z, qmin, qmax) - z) * s with the gradients of torchao and LSQ, in few passes over x:
-    straight through the rounding to x, zero where the clamp bites; to s (if it needs one) through x / s, i.e.
-    code - z - x / s inside the range and the clamp bound outside."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero, qmin, qmax):
-        code, inside = _codes(x / scale, zero, qmin, qmax)
-        ctx.save_for_backward(inside, x, scale, zero)
-        ctx.qrange = (qmin, qmax)
-        return (code - zero if zero is not None else code) * scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        inside, x, scale, zero = ctx.saved_tensors
-        grad_x = grad.masked_fill(~inside, 0.0) if ctx.needs_input_grad[0] else None
-        grad_scale = None
-        if ctx.needs_input_grad[1]:
-            v = x / scale
-            code, _ = _codes(v, zero, *ctx.qrange)
-            if zero is not None:
-                code -= zero
-            grad_scale = (grad * code.sub_(v.masked_fill_(~inside, 0.0))).sum_to_size(scale.shape)
-        return grad_x, grad_scale, None, None, None
-
-
 def _check_weight(w: Tensor, scheme: str, group_size: Optional[int]) -> None:
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"weight must be a floating-point [out_features, in_features] matrix, got {w.dtype} {list(w.shape)}")
@@ -136,20 +110,6 @@ def quantize_codes(w: Tensor, scheme: str, group_size: Optional[int] = None, sca
     scales = scales.contiguous() if scheme.startswith("int4") else scales[:, 0].contiguous()
     zeros = z.reshape(N, -1).to(torch.uint8) if z is not None else None
     return q.reshape(w.shape).to(torch.int32), scales, zeros
-
-
-def fake_quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = None, scales: Optional[Tensor] = None,
-                         zeros: Optional[Tensor] = None) -> Tensor:
-    """(q - z) * s in float32: what dequantize_weight(quantize_weight(w)) returns, differentiable for QAT.
-
-    Gradients follow torchao/LSQ: straight through the rounding to ``w``, zero where the clamp bites, and to given
-    ``scales`` through w / s (codes - w / s inside the range, the clamp bound outside).
-    """
-    _check_weight(w, scheme, group_size)
-    if scales is None:
-        scales, zeros = (t.detach() if t is not None else None for t in weight_qparams(w, scheme, group_size))
-    g, s, z = _grouped_qparams(w, scheme, group_size, scales, zeros)
-    return _FakeQuantize.apply(g, s, z, *qrange(scheme)).reshape(w.shape)
 
 
 def _pack_nibbles(u: Tensor) -> Tensor:
@@ -224,11 +184,3 @@ def quantize_activation(x: Tensor) -> Tuple[Tensor, Tensor]:
     x = x.float()
     scale = (x.abs().amax(-1) / 127.5).clamp(min=_TINY)
     return torch.clamp(torch.round(x / scale[:, None]), -128, 127).to(torch.int8), scale
-
-
-def fake_quantize_activation(x: Tensor) -> Tensor:
-    """codes * scale of quantize_activation over the last dimension of ``x`` [..., K], in float32; gradient straight
-    through the rounding (the per-token scale is a statistic, not learned), zero where the clamp bites."""
-    x = x.float()
-    scale = (x.detach().abs().amax(-1, keepdim=True) / 127.5).clamp(min=_TINY)
-    return _FakeQuantize.apply(x, scale, None, -128, 127)

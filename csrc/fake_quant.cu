@@ -1,0 +1,83 @@
+// CUDA kernel of lightning_spec::fake_quantize: one warp per group (a group of 32-128 inputs, or a whole row for the
+// per-row schemes), lanes striding over it; observing reduces max / min over the warp (order-free, so exact).
+// Same float32 expressions as the CPU loop (built with --fmad=false, IEEE division, rint = round half to even).
+// No torch headers: `nvcc -c -std=c++17 -arch=sm_90a csrc/fake_quant.cu` compiles it standalone.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lightning_spec {
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+constexpr float kTiny = 1e-12f;  // numerics._TINY
+
+__device__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+__device__ float warp_min(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+template <bool kAsym>
+__global__ void fake_quantize_kernel(const float* x, float* out, bool* inside, float* scale, float* zero,
+                                     int64_t num_groups, int64_t group, float qmin, float qmax, float half_range,
+                                     bool observe) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (g >= num_groups) return;  // whole warps leave together: the shuffles below see all 32 lanes
+  const int lane = threadIdx.x % 32;
+  const float* xg = x + g * group;
+  if (observe) {
+    if (kAsym) {
+      float lo = 0.f, hi = 0.f;
+      for (int64_t j = lane; j < group; j += 32) {
+        lo = fminf(lo, xg[j]);
+        hi = fmaxf(hi, xg[j]);
+      }
+      lo = warp_min(lo);
+      hi = warp_max(hi);
+      const float s = fmaxf(__fdiv_rn(hi - lo, 15.f), kTiny);
+      if (lane == 0) {
+        scale[g] = s;
+        zero[g] = fminf(fmaxf(rintf(__fdiv_rn(-lo, s)), 0.f), 15.f);
+      }
+    } else {
+      float m = 0.f;
+      for (int64_t j = lane; j < group; j += 32) m = fmaxf(m, fabsf(xg[j]));
+      m = warp_max(m);
+      if (lane == 0) scale[g] = fmaxf(__fdiv_rn(m, half_range), kTiny);
+    }
+    __syncwarp();
+  }
+  const float s = scale[g], z = kAsym ? zero[g] : 0.f;
+  for (int64_t j = lane; j < group; j += 32) {
+    float c = rintf(__fdiv_rn(xg[j], s));
+    if (kAsym) c += z;  // symmetric codes skip it: -0.0 + 0.0 would turn the sign of a zero
+    inside[g * group + j] = c >= qmin && c <= qmax;
+    c = c < qmin ? qmin : (c > qmax ? qmax : c);
+    out[g * group + j] = kAsym ? __fmul_rn(c - z, s) : __fmul_rn(c, s);
+  }
+}
+
+}  // namespace
+
+// zero: null unless asym. Returns the launch status.
+cudaError_t launch_fake_quantize(const float* x, float* out, bool* inside, float* scale, float* zero, int64_t num_groups,
+                                 int64_t group, float qmin, float qmax, float half_range, bool asym, bool observe,
+                                 cudaStream_t stream) {
+  if (num_groups == 0) return cudaSuccess;
+  const auto blocks = static_cast<unsigned>((num_groups + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  if (asym) {
+    fake_quantize_kernel<true><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(x, out, inside, scale, zero, num_groups,
+                                                                          group, qmin, qmax, half_range, observe);
+  } else {
+    fake_quantize_kernel<false><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(x, out, inside, scale, zero, num_groups,
+                                                                           group, qmin, qmax, half_range, observe);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace lightning_spec
