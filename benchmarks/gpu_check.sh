@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA path in one go, for a GPU machine (<= 8 minutes on an H100): build the extension with its CUDA kernel,
 # run the op tests there (CPU and CUDA; verify_tree on CUDA must equal CPU bit for bit, quantized_linear must match
-# its float64 reference), and benchmark verify_tree and quantized_linear (GB/s, speedup over bf16) on the GPU.
+# its float64 reference, fake_quantize its PyTorch twin bit for bit), and benchmark verify_tree, quantized_linear
+# (GB/s, speedup over bf16) and fake_quantize on the GPU.
 # Needs a CUDA build of torch and the package's Python dependencies already installed (a machine without network
 # can take them as wheels). Usage: bash benchmarks/gpu_check.sh [python]
 set -euo pipefail
@@ -14,7 +15,8 @@ start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-16} "$PY" setup.py -q build_ext --inplace
 echo "build: $(( $(date +%s) - start )) s"
 "$PY" -c "import torch, lightning_spec.ops as o; assert torch._C._dispatch_has_kernel_for_dispatch_key('lightning_spec::verify_tree', 'CUDA'), 'the extension has no CUDA kernel'; print('extension', o.extension_path())"
-CI=true "$PY" -m pytest -q -p no:cacheprovider tests/test_verify_ops.py tests/test_quant.py tests/test_cuda_build.py
+CI=true "$PY" -m pytest -q -p no:cacheprovider tests/test_verify_ops.py tests/test_quant.py tests/test_fake_quant_op.py tests/test_cuda_build.py
 "$PY" benchmarks/bench_verify.py --device cuda --repeats 50
 "$PY" benchmarks/bench_qmatmul.py --device cuda --repeats 100 --m 1 8
+"$PY" benchmarks/bench_fake_quant.py --device cuda --repeats 10
 echo "total: $(( $(date +%s) - start )) s"
