@@ -11,11 +11,10 @@ medians measured in one run (times only with --device cuda).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from bench_qmatmul import median_us  # benchmarks run as scripts from this folder
 from lightning_spec.ops import reference
 from lightning_spec.ops.fake_quant import fake_quantize_activation, fake_quantize_weight
 from lightning_spec.quant.numerics import weight_qparams
@@ -38,19 +37,6 @@ def pytorch_activation(x: torch.Tensor) -> torch.Tensor:
     scale, _ = weight_qparams(x2.detach(), "int8")
     out, inside = reference.fake_quantize(x2.detach(), scale.contiguous(), None, scheme="int8")
     return (out + (x2 - x2.detach()) * inside).reshape(x.shape)
-
-
-def median_s(step, repeats: int, device: str) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    step()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -78,8 +64,8 @@ def main() -> None:
     print("| fake quantization | PyTorch ops / compiled op |" + (" compiled op ms |" if args.device == "cuda" else ""))
     print("|---|---|" + ("---|" if args.device == "cuda" else ""))
     for label, compiled, baseline, tensors in cases:
-        ours, theirs = median_s(step(compiled, tensors), args.repeats, args.device), median_s(step(baseline, tensors), args.repeats, args.device)
-        print(f"| {label} | {theirs / ours:.2f}x |" + (f" {ours * 1e3:.1f} |" if args.device == "cuda" else ""))
+        ours, theirs = median_us(step(compiled, tensors), args.repeats, args.device), median_us(step(baseline, tensors), args.repeats, args.device)
+        print(f"| {label} | {theirs / ours:.2f}x |" + (f" {ours / 1e3:.1f} |" if args.device == "cuda" else ""))
 
 
 if __name__ == "__main__":
