@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_spec.ops import _extension  # noqa: F401  (registers torch.ops.lightning_spec)
-from lightning_spec.quant.numerics import check_scheme, qrange
+from lightning_spec.quant.numerics import _check_weight, check_scheme, qrange
 
 
 def check_fake_quantize_args(input, scale, zero, scheme, group_size) -> None:
@@ -83,9 +83,7 @@ def fake_quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = Non
     torchao/LSQ: straight through the rounding to ``w``, zero where the clamp bites, and to given ``scales`` through
     w / s (codes - w / s inside the range, the clamp bound outside).
     """
-    if w.dim() != 2 or not w.is_floating_point():
-        raise ValueError(f"weight must be a floating-point [out_features, in_features] matrix, got {w.dtype} {list(w.shape)}")
-    check_scheme(scheme, group_size, w.shape[1])
+    _check_weight(w, scheme, group_size)
     if scales is None:
         groups = w.shape[1] // group_size if group_size else 1
         scales = w.new_empty((w.shape[0], groups), dtype=torch.float32)
