@@ -100,4 +100,3 @@ def fake_quantize_activation(x: Tensor) -> Tensor:
     scale = x2.new_empty((x2.shape[0], 1))
     out, _ = _FakeQuantize.apply(x2, scale, None, "int8", None, True)
     return out.reshape(x.shape)
-
