@@ -29,7 +29,7 @@ struct Problem {
   const float* x;      // [M, K] fp32
   const int16_t* xq;   // w8a8: [M, K] activation codes
   const float* xs;     // w8a8: [M] activation scales
-  const float* xsum;   // int4: [M, K / group] group sums of x
+  const float* xsum;   // int4 on AVX2: [M, K / group] group sums of x
   const void* w;       // packed
   const float* scales;
   const uint8_t* zeros;
@@ -108,60 +108,47 @@ LS_AVX512 void int8_tile(const Problem& p, int64_t n, int64_t m) {
     }
 }
 
-// sum over groups of s_g * z_g * xsum_g: the zero points' share of one output, 16 groups per step.
-template <bool kAsym>
-LS_AVX512 float zero_dot(const float* scales, const uint8_t* zeros, const float* xsum, int64_t groups) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t g = 0;
-  for (; g + 16 <= groups; g += 16) {
-    const __m512 z = kAsym ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + g))))
-                           : _mm512_set1_ps(8.f);
-    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(scales + g), z), _mm512_loadu_ps(xsum + g), acc);
-  }
-  float total = hsum(acc);
-  for (; g < groups; ++g) total += scales[g] * (kAsym ? float(zeros[g]) : 8.f) * xsum[g];
-  return total;
-}
-
-// int4 (symmetric or with zero points), K a multiple of the group size (itself a multiple of 32). The zero point
-// is taken out of the inner loop: sum x (q - z) = sum x q - z sum x, with the group sums of x (xsum) made once per
-// call and applied once per output (zero_dot), so each 32-weight chunk costs two widenings, two conversions and
-// two FMAs per row.
+// int4 (symmetric or with zero points), K a multiple of the group size (32, 64 or 128). Each nibble becomes its
+// dequantized weight by a 16-entry table lookup: the table holds (c - z) * s for the codes c = 0..15 (exactly
+// dequantize_weight's values), and vpermps reads only an index's low 4 bits, so a 32-weight chunk is widened once
+// (byte j to lane j), its high nibbles need one shift, and no masks, conversions or zero-point corrections remain.
+// The table costs one multiply per channel and group.
 template <int NR, int MR, bool kAsym>
 LS_AVX512 void int4_tile(const Problem& p, int64_t n, int64_t m) {
-  const uint8_t* w = static_cast<const uint8_t*>(p.w);
-  const int64_t groups = p.K / p.group, half = p.K / 2;
-  const __m128i low = _mm_set1_epi8(0x0F);
+  const int64_t groups = p.K / p.group, chunks = p.group / 32;
+  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const uint8_t* w[NR];
+  const float* x[MR];
   __m512 acc[NR][MR];
+  for (int i = 0; i < NR; ++i) w[i] = static_cast<const uint8_t*>(p.w) + (n + i) * (p.K / 2);
+  for (int r = 0; r < MR; ++r) x[r] = p.x + (m + r) * p.K;
   for (int i = 0; i < NR; ++i)
     for (int r = 0; r < MR; ++r) acc[i][r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 gacc[NR][MR];
-    for (int i = 0; i < NR; ++i)
-      for (int r = 0; r < MR; ++r) gacc[i][r] = _mm512_setzero_ps();
-    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 32) {
+    __m512 table[NR];
+    for (int i = 0; i < NR; ++i) {
+      const int64_t at = (n + i) * groups + g;
+      const __m512 q = _mm512_sub_ps(codes, _mm512_set1_ps(kAsym ? float(p.zeros[at]) : 8.f));
+      table[i] = _mm512_mul_ps(q, _mm512_set1_ps(p.scales[at]));
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
       __m512 xlo[MR], xhi[MR];
       for (int r = 0; r < MR; ++r) {
-        xlo[r] = _mm512_loadu_ps(p.x + (m + r) * p.K + k);
-        xhi[r] = _mm512_loadu_ps(p.x + (m + r) * p.K + k + 16);
+        xlo[r] = _mm512_loadu_ps(x[r]);
+        xhi[r] = _mm512_loadu_ps(x[r] + 16);
+        x[r] += 32;
       }
       for (int i = 0; i < NR; ++i) {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + i) * half + k / 2));
-        const __m512 wlo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, low)));
-        const __m512 whi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low)));
-        for (int r = 0; r < MR; ++r) gacc[i][r] = _mm512_fmadd_ps(xhi[r], whi, _mm512_fmadd_ps(xlo[r], wlo, gacc[i][r]));
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[i])));
+        w[i] += 16;
+        const __m512 wlo = _mm512_permutexvar_ps(bytes, table[i]);
+        const __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table[i]);
+        for (int r = 0; r < MR; ++r) acc[i][r] = _mm512_fmadd_ps(xhi[r], whi, _mm512_fmadd_ps(xlo[r], wlo, acc[i][r]));
       }
-    }
-    for (int i = 0; i < NR; ++i) {
-      const __m512 sv = _mm512_set1_ps(p.scales[(n + i) * groups + g]);
-      for (int r = 0; r < MR; ++r) acc[i][r] = _mm512_fmadd_ps(gacc[i][r], sv, acc[i][r]);
     }
   }
   for (int i = 0; i < NR; ++i)
-    for (int r = 0; r < MR; ++r)
-      p.y[(m + r) * p.N + n + i] =
-          hsum(acc[i][r]) - zero_dot<kAsym>(p.scales + (n + i) * groups, p.zeros ? p.zeros + (n + i) * groups : nullptr,
-                                            p.xsum + (m + r) * groups, groups);
+    for (int r = 0; r < MR; ++r) p.y[(m + r) * p.N + n + i] = hsum(acc[i][r]);
 }
 
 // w8a8: int16-widened codes, 32 products per step summed pairwise into int32: vpmaddwd + add, or VNNI's fused
@@ -428,20 +415,21 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
     p.xs = xs.data_ptr<float>();
   }
 
+  const bool stream = M > 0 && M <= kStreamRows;
+  const Isa isa = select_isa();
   std::vector<float> xsum;
-  if (grouped) {
+  if (stream && grouped && isa == Isa::kAvx2) {
     xsum.assign(M * (K / group_size), 0.f);
     for (int64_t i = 0; i < M * K; ++i) xsum[i / group_size] += p.x[i];
     p.xsum = xsum.data();
   }
 
   at::Tensor y;
-  if (M > kStreamRows || M == 0) {
+  if (!stream) {
     y = at::linear(scheme == Scheme::kW8A8 ? xdq : x2, dequantize(p, scheme));
   } else {
     y = at::empty({M, N}, at::kFloat);
     p.y = y.data_ptr<float>();
-    const Isa isa = select_isa();
     const int64_t tiles = (N + 3) / 4;
     // A thread per ~512K multiply-adds at least: waking a second thread costs more than a small layer's product.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / (4 * K * M));
