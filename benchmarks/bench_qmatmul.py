@@ -110,29 +110,30 @@ def end_to_end(draft_dir: str, repeats: int, new_tokens: int = 48):
     prompts = ["Explain photosynthesis in two sentences.", "Write a short poem about the sea.", "What is a prime number?"]
     ids = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
                      return_tensors="pt")["input_ids"] for p in prompts]
-    runs = max(3, repeats // 10)
-    print(f"\nend to end: {draft_dir} greedy decoding, {len(prompts)} prompts x {new_tokens} tokens, median of {runs}")
-    print(f"{'model':<22}{'decode tok/s':>13}{'vs fp32':>9}{'call tok/s':>11}{'vs fp32':>9}{'greedy agreement':>18}")
-    reference_tokens, base = None, None
-    for name, scheme, group in [("fp32", None, None), ("int8", "int8", None), ("int4 g32", "int4", 32)]:
-        model = copy.deepcopy(draft)
-        if scheme:
-            quantize_model(model, scheme, group, exclude=())
-        decode_rates, call_rates, outputs = [], [], []
-        for _ in range(runs):
+    runs = max(5, repeats // 8)
+    models = {"fp32": draft}
+    for name, scheme, group in [("int8", "int8", None), ("int4 g32", "int4", 32)]:
+        models[name] = copy.deepcopy(draft)
+        quantize_model(models[name], scheme, group, exclude=())
+    # rounds interleave the models, so the machine's drifts hit them alike; a ratio is the median over rounds
+    decode, call, outputs = ({name: [] for name in models} for _ in range(3))
+    for _ in range(runs):
+        for name, model in models.items():
             outs = [target_generate(model, i, new_tokens, eos_token_id=[]) for i in ids]
             tokens = sum(o.stats.new_tokens for o in outs)
-            decode_rates.append(tokens / sum(o.stats.wall_time - o.stats.prefill_time for o in outs))
-            call_rates.append(tokens / sum(o.stats.wall_time for o in outs))
-            outputs = [o.tokens for o in outs]
-        rate = (statistics.median(decode_rates), statistics.median(call_rates))
-        reference_tokens = reference_tokens or outputs
-        base = base or rate
+            decode[name].append(tokens / sum(o.stats.wall_time - o.stats.prefill_time for o in outs))
+            call[name].append(tokens / sum(o.stats.wall_time for o in outs))
+            outputs[name] = [o.tokens for o in outs]
+    print(f"\nend to end: {draft_dir} greedy decoding, {len(prompts)} prompts x {new_tokens} tokens, {runs} interleaved rounds")
+    print(f"{'model':<22}{'decode tok/s':>13}{'vs fp32':>9}{'call tok/s':>11}{'vs fp32':>9}{'greedy agreement':>18}")
+    ratio = lambda rates, name: statistics.median(r / b for r, b in zip(rates[name], rates["fp32"]))
+    for name, model in models.items():
         # teacher-forced on the fp32 draft's own output: does the quantized draft pick the same next token?
         with torch.no_grad():
             hits = [(model(t).logits[0, i.shape[1] - 1 : -1].argmax(-1) == t[0, i.shape[1]:]).float().mean().item()
-                    for t, i in zip(reference_tokens, ids)]
-        print(f"{name:<22}{rate[0]:>13.1f}{rate[0] / base[0]:>8.2f}x{rate[1]:>11.1f}{rate[1] / base[1]:>8.2f}x{statistics.mean(hits):>18.3f}")
+                    for t, i in zip(outputs["fp32"], ids)]
+        print(f"{name:<22}{statistics.median(decode[name]):>13.1f}{ratio(decode, name):>8.2f}x"
+              f"{statistics.median(call[name]):>11.1f}{ratio(call, name):>8.2f}x{statistics.mean(hits):>18.3f}")
     print("goal: int4 g32 >= 2x fp32 decode tokens/s")
 
 

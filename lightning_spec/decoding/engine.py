@@ -239,8 +239,10 @@ def _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p
             target_lm.commit(torch.ones(live, 1, dtype=torch.bool, device=device))
             if logits_hook is not None:
                 logits_hook(rows, logits[:, 0])
-            probs = warp(logits[:, 0], temperature, top_p)
-            next_token = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)[:, 0]
+            if greedy:  # the argmax of the logits: no softmax over the vocabulary per token
+                next_token = logits[:, 0].argmax(-1)
+            else:
+                next_token = torch.multinomial(warp(logits[:, 0], temperature, top_p), 1, generator=generator)[:, 0]
             emitted = [[t] for t in next_token.tolist()]
         else:
             candidates, draft_probs, calls = drafter.propose(temperature, top_p, generator)
