@@ -113,9 +113,10 @@ LS_AVX512 void int8_tile(const Problem& p, int64_t n, int64_t m) {
 // dequantize_weight's values), and vpermps reads only an index's low 4 bits, so a 32-weight chunk is widened once
 // (byte j to lane j), its high nibbles need one shift, and no masks, conversions or zero-point corrections remain.
 // The table costs one multiply per channel and group.
-template <int NR, int MR, bool kAsym>
+// kChunks: 32-weight chunks per group when fixed at compile time (1: group 32, whose loop then unrolls), else 0.
+template <int NR, int MR, bool kAsym, int kChunks>
 LS_AVX512 void int4_tile(const Problem& p, int64_t n, int64_t m) {
-  const int64_t groups = p.K / p.group, chunks = p.group / 32;
+  const int64_t groups = p.K / p.group, chunks = kChunks ? kChunks : p.group / 32;
   const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const uint8_t* w[NR];
   const float* x[MR];
@@ -303,8 +304,8 @@ void run_tile(const Problem& p, Scheme scheme, Isa isa, int64_t n, int64_t m) {
   }
   switch (scheme) {
     case Scheme::kInt8: return int8_tile<NR, MR>(p, n, m);
-    case Scheme::kInt4: return int4_tile<NR, MR, false>(p, n, m);
-    case Scheme::kInt4Asym: return int4_tile<NR, MR, true>(p, n, m);
+    case Scheme::kInt4: return p.group == 32 ? int4_tile<NR, MR, false, 1>(p, n, m) : int4_tile<NR, MR, false, 0>(p, n, m);
+    case Scheme::kInt4Asym: return p.group == 32 ? int4_tile<NR, MR, true, 1>(p, n, m) : int4_tile<NR, MR, true, 0>(p, n, m);
     case Scheme::kW8A8: return isa == Isa::kAvx512Vnni ? w8a8_tile_vnni<NR, MR>(p, n, m) : w8a8_tile_madd<NR, MR>(p, n, m);
   }
 }
