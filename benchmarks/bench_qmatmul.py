@@ -11,7 +11,8 @@ With --draft (default: the demo's export, when present), also end to end: greedy
 draft in the engine (`target_generate` on the draft), fp32 against `quantize_model(..., exclude=())` (the tied
 head quantized too): decode tokens/s (the prompt's prefill excluded; the goal is per decoded token), tokens/s of
 the whole call, and greedy agreement: how often the quantized draft's argmax is the fp32 draft's token along the
-fp32 draft's own output.
+fp32 draft's own output. With --compile, the same again with each model's forward under
+torch.compile(dynamic=True) (its decoded tokens asserted equal to eager's), ratios against the compiled fp32 draft.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def main():
     parser.add_argument("--m", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--draft", default="artifacts/smollm2_draft")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--compile", action="store_true", help="end to end also with torch.compile'd models (~2 min more)")
     args = parser.parse_args()
     dev = args.device
     where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads, kernels {torch.ops.lightning_spec.qmatmul_cpu_isa()}"
@@ -101,39 +103,51 @@ def main():
                   f"{versus_torch} {bytes8 / t['int8'] / 1e3:>10.1f} {bytes4 / t['int4'] / 1e3:>10.1f}")
     print("goals at M=1: int8 >= 2.5x and int4 >= 4x fp32; both >= 5x torch's int8/int4 ops; at M=8: not slower than bf16")
     if dev == "cpu" and Path(args.draft).is_dir():
-        end_to_end(args.draft, args.repeats)
+        end_to_end(args.draft, args.repeats, args.compile)
 
 
-def end_to_end(draft_dir: str, repeats: int, new_tokens: int = 48):
+def end_to_end(draft_dir: str, repeats: int, compiled: bool, new_tokens: int = 48):
     draft = load_model(draft_dir).eval()
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     prompts = ["Explain photosynthesis in two sentences.", "Write a short poem about the sea.", "What is a prime number?"]
     ids = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
                      return_tensors="pt")["input_ids"] for p in prompts]
     runs = max(5, repeats // 8)
-    models = {"fp32": draft}
+    schemes = {"fp32": draft}
     for name, scheme, group in [("int8", "int8", None), ("int4 g32", "int4", 32)]:
-        models[name] = copy.deepcopy(draft)
-        quantize_model(models[name], scheme, group, exclude=())
-    # rounds interleave the models, so the machine's drifts hit them alike; a ratio is the median over rounds
-    decode, call, outputs = ({name: [] for name in models} for _ in range(3))
+        schemes[name] = copy.deepcopy(draft)
+        quantize_model(schemes[name], scheme, group, exclude=())
+    models = {("eager", name): model for name, model in schemes.items()}
+    if compiled:
+        # the three models share HF's forward code, and each prompt length and cache layout adds graphs to it
+        torch._dynamo.config.recompile_limit = 64
+        for name, model in schemes.items():
+            model = models["compiled", name] = copy.deepcopy(model)
+            model.forward = torch.compile(model.forward, dynamic=True)
+            for i in ids:  # compiles every graph the timed rounds need
+                target_generate(model, i, new_tokens, eos_token_id=[])
+    # rounds interleave the models, so the machine's drifts hit them alike; a ratio (against fp32 run the same way)
+    # is the median over rounds
+    decode, call, outputs = ({key: [] for key in models} for _ in range(3))
     for _ in range(runs):
-        for name, model in models.items():
+        for key, model in models.items():
             outs = [target_generate(model, i, new_tokens, eos_token_id=[]) for i in ids]
             tokens = sum(o.stats.new_tokens for o in outs)
-            decode[name].append(tokens / sum(o.stats.wall_time - o.stats.prefill_time for o in outs))
-            call[name].append(tokens / sum(o.stats.wall_time for o in outs))
-            outputs[name] = [o.tokens for o in outs]
+            decode[key].append(tokens / sum(o.stats.wall_time - o.stats.prefill_time for o in outs))
+            call[key].append(tokens / sum(o.stats.wall_time for o in outs))
+            outputs[key] = [o.tokens for o in outs]
     print(f"\nend to end: {draft_dir} greedy decoding, {len(prompts)} prompts x {new_tokens} tokens, {runs} interleaved rounds")
     print(f"{'model':<22}{'decode tok/s':>13}{'vs fp32':>9}{'call tok/s':>11}{'vs fp32':>9}{'greedy agreement':>18}")
-    ratio = lambda rates, name: statistics.median(r / b for r, b in zip(rates[name], rates["fp32"]))
-    for name, model in models.items():
+    ratio = lambda rates, key: statistics.median(r / b for r, b in zip(rates[key], rates[key[0], "fp32"]))
+    for key, model in models.items():
+        assert all(map(torch.equal, outputs[key], outputs["eager", key[1]])), f"{key} decodes other tokens than eager"
         # teacher-forced on the fp32 draft's own output: does the quantized draft pick the same next token?
         with torch.no_grad():
-            hits = [(model(t).logits[0, i.shape[1] - 1 : -1].argmax(-1) == t[0, i.shape[1]:]).float().mean().item()
-                    for t, i in zip(outputs["fp32"], ids)]
-        print(f"{name:<22}{statistics.median(decode[name]):>13.1f}{ratio(decode, name):>8.2f}x"
-              f"{statistics.median(call[name]):>11.1f}{ratio(call, name):>8.2f}x{statistics.mean(hits):>18.3f}")
+            hits = [(schemes[key[1]](t).logits[0, i.shape[1] - 1 : -1].argmax(-1) == t[0, i.shape[1]:]).float().mean().item()
+                    for t, i in zip(outputs["eager", "fp32"], ids)]
+        label = key[1] if key[0] == "eager" else f"{key[1]}, compiled"
+        print(f"{label:<22}{statistics.median(decode[key]):>13.1f}{ratio(decode, key):>8.2f}x"
+              f"{statistics.median(call[key]):>11.1f}{ratio(call, key):>8.2f}x{statistics.mean(hits):>18.3f}")
     print("goal: int4 g32 >= 2x fp32 decode tokens/s")
 
 
