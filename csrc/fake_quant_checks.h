@@ -6,6 +6,8 @@
 #include <optional>
 #include <string>
 
+#include "qmatmul_checks.h"
+
 namespace lightning_spec {
 
 struct FakeQuantParams {
@@ -19,9 +21,8 @@ constexpr float kTinyScale = 1e-12f;  // numerics._TINY: an all-zero group quant
 inline FakeQuantParams check_fake_quantize_args(const at::Tensor& input, const at::Tensor& scale,
                                                 const std::optional<at::Tensor>& zero, const std::string& scheme,
                                                 int64_t group_size) {
-  const bool grouped = scheme == "int4" || scheme == "int4_asym";
-  TORCH_CHECK(grouped || scheme == "int8" || scheme == "w8a8",
-              "fake_quantize: unknown scheme '", scheme, "' (int8, int4, int4_asym, w8a8)");
+  const Scheme kind = parse_scheme(scheme, "fake_quantize");
+  const bool grouped = kind == Scheme::kInt4 || kind == Scheme::kInt4Asym;
   TORCH_CHECK(input.scalar_type() == at::kFloat && input.dim() == 2,
               "fake_quantize: input must be a float32 [rows, K] matrix, got ", input.scalar_type(), " ", input.sizes());
   const int64_t rows = input.size(0), K = input.size(1);
@@ -39,7 +40,7 @@ inline FakeQuantParams check_fake_quantize_args(const at::Tensor& input, const a
               "fake_quantize: scale must be float32 [", rows, ", ", groups, "], got ", scale.scalar_type(), " ", scale.sizes());
   TORCH_CHECK(scale.is_contiguous(), "fake_quantize: scale must be contiguous (it is written in place when observing)");
   TORCH_CHECK(scale.device() == input.device(), "fake_quantize: scale is on ", scale.device(), ", input on ", input.device());
-  const bool asym = scheme == "int4_asym";
+  const bool asym = kind == Scheme::kInt4Asym;
   if (asym) {
     TORCH_CHECK(zero.has_value() && zero->scalar_type() == at::kFloat && zero->sizes() == scale.sizes() &&
                     zero->is_contiguous() && zero->device() == input.device(),

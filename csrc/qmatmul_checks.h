@@ -14,12 +14,13 @@ namespace lightning_spec {
 
 enum class Scheme { kInt8 = 0, kInt4 = 1, kInt4Asym = 2, kW8A8 = 3 };
 
-inline Scheme parse_scheme(const std::string& scheme) {
+// Also fake_quantize's (fake_quant_checks.h): ``op`` names the caller in the error.
+inline Scheme parse_scheme(const std::string& scheme, const char* op = "quantized_linear") {
   if (scheme == "int8") return Scheme::kInt8;
   if (scheme == "int4") return Scheme::kInt4;
   if (scheme == "int4_asym") return Scheme::kInt4Asym;
   if (scheme == "w8a8") return Scheme::kW8A8;
-  TORCH_CHECK(false, "quantized_linear: unknown scheme '", scheme, "' (int8, int4, int4_asym, w8a8)");
+  TORCH_CHECK(false, op, ": unknown scheme '", scheme, "' (int8, int4, int4_asym, w8a8)");
 }
 
 // Returns (scheme, N, K).
