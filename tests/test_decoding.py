@@ -197,3 +197,26 @@ def test_vocabulary_mismatch_is_refused(pair):
 def test_chain_is_the_parents_of_a_path():
     assert chain(3) == [-1, 0, 1, 2]
     assert topk_tree([2, 1]) == [-1, 0, 0, 1, 2]
+
+
+def test_sample_follows_each_rows_distribution(monkeypatch):
+    """The inverse-CDF sampler: each row's draws fit its distribution; zero-probability tokens (top-p cuts, a row's
+    tail after its last positive token) never come out; a seeded generator replays."""
+    from lightning_spec.decoding.engine import sample
+
+    probs = torch.tensor([
+        [0.5, 0.0, 0.25, 0.125, 0.125, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+        [1e-3, 0.0, 0.0, 0.999, 0.0, 0.0],
+        [0.2, 0.2, 0.2, 0.2, 0.2, 0.0],
+    ])
+    draws = torch.stack([sample(probs, torch.Generator().manual_seed(i)) for i in range(4000)])
+    assert (draws[:, 1] == 5).all()
+    for row in (0, 2, 3):
+        counts = torch.bincount(draws[:, row], minlength=probs.shape[1]).double()
+        assert chi_square_pvalue(counts, probs[row].double()) > 1e-3
+    replay = torch.stack([sample(probs, torch.Generator().manual_seed(i)) for i in range(4000)])
+    assert torch.equal(draws, replay)
+    # torch.rand's largest float64 draw, 1 - 2**-53, must still land on a token that has mass
+    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.full(shape, 1 - 2.0**-53, dtype=torch.float64))
+    assert sample(torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])).tolist() == [1, 3]

@@ -15,6 +15,39 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views into buffers with room to grow (doubling), so an eager forward
+    writes its new slots in place instead of copying the whole cache (`torch.cat`) every step. A forward traced by
+    torch.compile appends by cat, as DynamicLayer does (its graphs cannot hold views of buffers that outgrow them)."""
+
+    _keys: Optional[Tensor] = None  # the buffers; keys/values are their first slots while they are in use
+    _values: Optional[Tensor] = None
+
+    def _hold(self, keys: Tensor, values: Tensor, room: int = 0) -> None:
+        """Copy ``keys``/``values`` [B, H, n, D] into new buffers of n + ``room`` slots."""
+        B, H, n, D = keys.shape
+        self._keys = keys.new_empty(B, H, n + room, D)
+        self._values = values.new_empty(B, H, n + room, values.shape[-1])
+        self._keys[:, :, :n] = keys
+        self._values[:, :, :n] = values
+        self.keys, self.values = self._keys[:, :, :n], self._values[:, :, :n]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        n, q = self.keys.shape[2], key_states.shape[2]
+        in_buffer = self._keys is not None and self.keys.data_ptr() == self._keys.data_ptr()
+        if not in_buffer or n + q > self._keys.shape[2]:
+            self._hold(self.keys, self.values, room=max(n, 64) + q)
+        self._keys[:, :, n : n + q] = key_states
+        self._values[:, :, n : n + q] = value_states
+        self.keys, self.values = self._keys[:, :, : n + q], self._values[:, :, : n + q]
+        return self.keys, self.values
+
+
 class CachedLM:
     def __init__(self, model, batch_size: int, device: torch.device):
         self.model = model
@@ -23,6 +56,7 @@ class CachedLM:
             raise ValueError(
                 f"the decoding engine needs full-attention layers; {model.config.model_type} uses sliding-window or other caches"
             )
+        self.cache.layers = [GrowingLayer() for _ in self.cache.layers]
         self.committed = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, slots]
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # committed tokens per row
         self._min = torch.finfo(model.dtype).min
@@ -84,6 +118,5 @@ class CachedLM:
                 continue
             B, H, _, D = layer.keys.shape
             gather = index[:, None, :, None].expand(B, H, kept, D)
-            layer.keys = layer.keys.gather(2, gather)
-            layer.values = layer.values.gather(2, gather)
+            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
         self.committed = self.committed.gather(1, index)
