@@ -5,9 +5,12 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
+from lightning_spec.lens import fit_head, untie_head
 from lightning_spec.losses import SparseTeacher, check_loss_name, distill_loss, fidelity_sums
 from lightning_spec.metrics.functional import expected_accepted_length
 from lightning_spec.models import build_draft, check_vocab_compatible, load_causal_lm, load_model, next_token_logits
@@ -32,7 +35,9 @@ class DraftDistillationModule(LightningModule):
         temperature: softmax temperature of both distributions in the loss.
         jsd_beta: β of JSD[β].
         target_dtype: ``"bfloat16"`` etc. to run the teacher in another precision than the draft.
-        train_embeddings: also train the (tied) embeddings and head; off keeps the target's vocabulary map.
+        train_embeddings: also train the embeddings and head; off keeps them as they are.
+        fit_head_samples: before the first training step, give the draft an untied head fitted in closed form on
+            this many training samples (the tuned lens of `lightning_spec.lens.fit_head`); 0 keeps the target's.
 
     Example::
 
@@ -49,6 +54,7 @@ class DraftDistillationModule(LightningModule):
         jsd_beta: float = 0.5,
         target_dtype: Optional[str] = None,
         train_embeddings: bool = False,
+        fit_head_samples: int = 0,
         on_policy_fraction: float = 0.0,
         on_policy_max_new_tokens: int = 64,
         on_policy_temperature: float = 1.0,
@@ -65,6 +71,8 @@ class DraftDistillationModule(LightningModule):
             raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
         if not 0 <= on_policy_fraction <= 1:
             raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
+        if fit_head_samples < 0:
+            raise ValueError(f"fit_head_samples must be >= 0, got {fit_head_samples}")
         check_dtype("target_dtype", target_dtype)
         self.save_hyperparameters(ignore=["target", "draft", "optimizer", "lr_scheduler", "tokenizer"])
         if isinstance(target, (str,)) or hasattr(target, "__fspath__"):
@@ -79,6 +87,9 @@ class DraftDistillationModule(LightningModule):
         # Not a registered submodule: kept out of state_dict, checkpoints, DDP wrapping and .train().
         object.__setattr__(self, "target", target)
         self.draft = draft.train()
+        if fit_head_samples:
+            untie_head(self.draft)  # here, not at fit start: a checkpoint's untied head must find its own parameter
+        self._head_fitted = False
         self.draft.get_input_embeddings().requires_grad_(train_embeddings)
         self.draft.get_output_embeddings().requires_grad_(train_embeddings)
         self.tokenizer = tokenizer
@@ -161,6 +172,31 @@ class DraftDistillationModule(LightningModule):
             self.log("train/alpha", alpha / n.clamp_min(1), prog_bar=True, batch_size=size, sync_dist=True)
             self.log("train/agreement", agree / n.clamp_min(1), batch_size=size, sync_dist=True)
         return loss
+
+    def on_train_start(self):
+        if self.hparams.fit_head_samples and not self._head_fitted:
+            self._fit_head()
+
+    def _fit_head(self):
+        """Fit the head on the first ``fit_head_samples`` records of the training set (in the dataset's order, so
+        every rank fits the same), batched and collated like training."""
+        loader = self.trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if not isinstance(loader, DataLoader) or not hasattr(dataset, "__len__"):
+            raise ValueError("fit_head_samples needs a training DataLoader over a sized (map-style) dataset")
+        count = min(self.hparams.fit_head_samples, len(dataset))
+        rank_zero_info(f"fitting the draft's head on {count} training samples")
+        samples = DataLoader(Subset(dataset, range(count)), batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+        fit_head(self.draft, self.target, samples)
+        head = self.draft.get_output_embeddings().weight
+        head.data.copy_(self.trainer.strategy.broadcast(head.data, src=0))
+        self._head_fitted = True
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["draft_head_fitted"] = self._head_fitted
+
+    def on_load_checkpoint(self, checkpoint):
+        self._head_fitted = checkpoint.get("draft_head_fitted", False)
 
     def on_validation_epoch_start(self):
         self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)

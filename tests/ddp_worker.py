@@ -1,7 +1,8 @@
 """Train the tiny draft for a few steps and write, per rank, the logged train/loss and token count of each step
 and its final draft weights. With --monitor, an AcceptanceRateMonitor and a ModelCheckpoint on
 spec/tau run every 2 steps, and each rank also writes the spec/tau values it logged and the best score. With --qat,
-a QATScheduler with learned scales fake-quantizes the draft from step 1.
+a QATScheduler with learned scales fake-quantizes the draft from step 1. With --fit_head, the draft's head is fitted
+(and trained) before the first step.
 test_ddp.py and test_acceptance_monitor.py run it as a script: Lightning's DDP launcher re-runs the script once
 per further rank."""
 import argparse
@@ -27,9 +28,13 @@ class StepRecorder(Callback):
             self.spec.append(trainer.callback_metrics["spec/tau"].item())
 
 
-def train(target: str, data: str, cache: str, out: str, devices: int, batch_size: int, steps: int = 3, monitor: int = 0, qat: int = 0) -> None:
+def train(target: str, data: str, cache: str, out: str, devices: int, batch_size: int, steps: int = 3, monitor: int = 0, qat: int = 0,
+          fit_head: int = 0) -> None:
     # plain SGD: Adam's per-weight normalization would hide a wrongly scaled gradient
-    module = DraftDistillationModule(target=target, draft={"num_layers": 2}, optimizer=lambda p: torch.optim.SGD(p, lr=2.0))
+    module = DraftDistillationModule(
+        target=target, draft={"num_layers": 2}, optimizer=lambda p: torch.optim.SGD(p, lr=2.0),
+        fit_head_samples=6 if fit_head else 0, train_embeddings=bool(fit_head),
+    )
     datamodule = DistillDataModule(train_files=data, source="fixed", val_size=2, batch_size=batch_size, max_length=128, cache_dir=cache)
     recorder = StepRecorder()
     callbacks = [recorder]
@@ -62,4 +67,5 @@ if __name__ == "__main__":
     parser.add_argument("--monitor", type=int, default=0)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--qat", type=int, default=0)
+    parser.add_argument("--fit_head", type=int, default=0)
     train(**vars(parser.parse_args()))
