@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from lightning_spec.models import position_ids_for
+from lightning_spec.models import next_token_hidden
 
 
 def untie_head(model: PreTrainedModel) -> None:
@@ -26,13 +26,6 @@ def untie_head(model: PreTrainedModel) -> None:
     model.config.tie_word_embeddings = False
     if getattr(model.config, "text_config", None) is not None:
         model.config.text_config.tie_word_embeddings = False
-
-
-def _final_hidden(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-    hidden = model.get_decoder()(
-        input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn), use_cache=False
-    ).last_hidden_state
-    return hidden[:, :-1][select].double()
 
 
 @torch.no_grad()
@@ -59,8 +52,8 @@ def fit_head(draft: PreTrainedModel, target: PreTrainedModel, batches: Iterable[
         for batch in batches:
             ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             select = batch["loss_mask"][:, 1:].to(device) & attn[:, 1:].bool()
-            x = _final_hidden(draft, ids, attn, select)
-            y = _final_hidden(target, ids.to(target.device), attn.to(target.device), select.to(target.device)).to(device)
+            x = next_token_hidden(draft, ids, attn, select).double()
+            y = next_token_hidden(target, ids.to(target.device), attn.to(target.device), select.to(target.device)).to(device, torch.float64)
             gram = x.T @ x if gram is None else gram + x.T @ x
             cross = x.T @ y if cross is None else cross + x.T @ y
     finally:

@@ -206,6 +206,20 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def next_token_hidden(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The decoder's final (normalized) hidden states at the positions t where ``select`` [B, T-1] is true, as
+    [N, H]: what the head reads to predict token t+1. Masks as in `next_token_logits`."""
+    if position_ids is None:
+        position_ids = position_ids_for(attention_mask)
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return hidden[:, :-1][select]
+
+
 def next_token_logits(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
     position_ids: Optional[torch.Tensor] = None,
@@ -216,12 +230,7 @@ def next_token_logits(
     with its ``position_ids``. The head runs only on the selected positions: on a small draft the vocabulary
     projection is most of the cost, and prompt or padding positions would waste it.
     """
-    if position_ids is None:
-        position_ids = position_ids_for(attention_mask)
-    hidden = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, :-1][select])
+    logits = model.get_output_embeddings()(next_token_hidden(model, input_ids, attention_mask, select, position_ids))
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
