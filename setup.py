@@ -16,7 +16,7 @@ sources = [str(CSRC / f) for f in ("ops.cpp", "verify.cpp", "qmatmul.cpp", "fake
 if torch.cuda.is_available() and CUDA_HOME is not None:
     extension = CUDAExtension(
         "lightning_spec._C",
-        sources + [str(CSRC / f) for f in ("verify_cuda.cpp", "verify.cu", "qmatmul_cuda.cpp", "qmatmul.cu", "fake_quant_cuda.cpp", "fake_quant.cu")],
+        sources + [str(CSRC / f) for f in ("verify_cuda.cpp", "verify_kernels.cu", "qmatmul_cuda.cpp", "qmatmul_kernels.cu", "fake_quant_cuda.cpp", "fake_quant_kernels.cu")],
         define_macros=[("LIGHTNING_SPEC_WITH_CUDA", None)],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "--fmad=false"]},
         extra_link_args=["-lgomp"],

@@ -1,7 +1,7 @@
 // The tree-verification walk for one batch row: the single definition shared by the CPU loop and the CUDA
 // kernel, so that both (and lightning_spec/ops/reference.py) make the same decisions bit for bit.
 // Exactness rules: all arithmetic in double, sums sequential in index order, no FMA contraction
-// (-ffp-contract=off / --fmad=false). No torch headers: verify.cu compiles it standalone.
+// (-ffp-contract=off / --fmad=false). No torch headers: verify_kernels.cu compiles it standalone.
 #pragma once
 #include <cstdint>
 

@@ -13,7 +13,7 @@ CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("source", ["verify.cu", "qmatmul.cu", "fake_quant.cu"])
+@pytest.mark.parametrize("source", ["verify_kernels.cu", "qmatmul_kernels.cu", "fake_quant_kernels.cu"])
 def test_cuda_kernel_compiles(tmp_path, source):
     start = time.monotonic()
     out = tmp_path / f"{source}.o"

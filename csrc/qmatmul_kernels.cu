@@ -3,7 +3,7 @@
 // accumulating all M rows, then a warp-shuffle reduction. Large M: dequantize to fp32 and let cuBLAS multiply
 // (the host side, qmatmul_cuda.cpp). w8a8 takes per-token int8 activation codes made on the host side and
 // accumulates in int32 with dp4a.
-// No torch headers: `nvcc -c -std=c++17 -arch=sm_90a csrc/qmatmul.cu` compiles it standalone.
+// No torch headers: `nvcc -c -std=c++17 -arch=sm_90a csrc/qmatmul_kernels.cu` compiles it standalone.
 #include <cuda_runtime.h>
 
 #include <cstdint>

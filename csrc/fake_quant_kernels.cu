@@ -1,7 +1,7 @@
 // CUDA kernel of lightning_spec::fake_quantize: one warp per group (a group of 32-128 inputs, or a whole row for the
 // per-row schemes), lanes striding over it; observing reduces max / min over the warp (order-free, so exact).
 // Same float32 expressions as the CPU loop (built with --fmad=false, IEEE division, rint = round half to even).
-// No torch headers: `nvcc -c -std=c++17 -arch=sm_90a csrc/fake_quant.cu` compiles it standalone.
+// No torch headers: `nvcc -c -std=c++17 -arch=sm_90a csrc/fake_quant_kernels.cu` compiles it standalone.
 #include <cuda_runtime.h>
 
 #include <cstdint>

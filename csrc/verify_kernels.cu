@@ -1,7 +1,7 @@
 // CUDA kernel of lightning_spec::verify_tree: one thread per batch row running verify_walk.h, the same code
 // as the CPU loop, so the two agree bit for bit (built with --fmad=false). Serial per row on purpose:
 // exactness first; a block-parallel row (with the same summation order) is the known next step.
-// No torch headers: `nvcc -c -std=c++17 -arch=sm_90a csrc/verify.cu` compiles it standalone.
+// No torch headers: `nvcc -c -std=c++17 -arch=sm_90a csrc/verify_kernels.cu` compiles it standalone.
 #include <cuda_runtime.h>
 
 #include "verify_walk.h"
