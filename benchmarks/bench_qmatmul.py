@@ -3,7 +3,9 @@
 Baselines: fp32 `F.linear` (the ratio the goals are set on), bf16 `F.linear`, `torch._weight_int8pack_mm` and
 `torch._weight_int4pack_mm_for_cpu` (group 32). Effective GB/s counts the packed weight bytes read once per call,
 beside a measured copy bandwidth (a 256 MiB tensor copy: bytes read + written). Median of many runs, ratios in one
-run, on however many threads torch uses (2 on the build machine).
+run, on however many threads torch uses (2 on the build machine). With --device cuda: kernel times from CUDA graph
+replays (no Python or launch overhead), each call on its own copy of the operands, the copies together four times
+the L2 cache, so the weights stream from device memory as in a model's forward.
 
     python benchmarks/bench_qmatmul.py [--repeats 50] [--m 1 8] [--draft artifacts/smollm2_draft] [--device cuda]
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 from pathlib import Path
@@ -46,6 +49,29 @@ def median_us(fn, repeats: int, device: str = "cpu") -> float:
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
+
+
+def cuda_graph_us(calls: list, repeats: int) -> float:
+    """Median GPU time per call of `calls`, captured back to back in one CUDA graph and timed with events."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+        for call in calls[:3]:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times)
 
 
 def copy_bandwidth_gbs(device: str = "cpu") -> float:
@@ -82,23 +108,39 @@ def main():
             w, x = torch.randn(N, K) * 0.02, torch.randn(M, K)
             p8, s8, _ = quantize_weight(w, "int8")
             p4, s4, _ = quantize_weight(w, "int4", 32)
-            tp4, tsz = torch_int4_operands(w, 32)
-            w, x, p8, s8, p4, s4 = (t.to(dev) for t in (w, x, p8, s8, p4, s4))
-            wb, xb = w.bfloat16(), x.bfloat16()
-            t = {
-                "fp32": median_us(lambda: F.linear(x, w), args.repeats, dev),
-                "bf16": median_us(lambda: F.linear(xb, wb), args.repeats, dev),
-                "int8": median_us(lambda: quantized_linear(x, p8, s8, scheme="int8"), args.repeats, dev),
-                "int4": median_us(lambda: quantized_linear(x, p4, s4, scheme="int4", group_size=32), args.repeats, dev),
-            }
+            if dev == "cuda":
+                x, xb = x.cuda(), x.bfloat16().cuda()
+                l2 = getattr(torch.cuda.get_device_properties(), "L2_cache_size", 64 << 20)
+                copies = min(1024, max(8, math.ceil(4 * l2 / p4.numel())))
+                ws = [w.cuda() for _ in range(copies)]
+                wbs = [c.bfloat16() for c in ws]
+                q8 = [(p8.cuda(), s8.cuda()) for _ in range(copies)]
+                q4 = [(p4.cuda(), s4.cuda()) for _ in range(copies)]
+                t = {
+                    "fp32": cuda_graph_us([lambda c=c: F.linear(x, c) for c in ws], args.repeats),
+                    "bf16": cuda_graph_us([lambda c=c: F.linear(xb, c) for c in wbs], args.repeats),
+                    "int8": cuda_graph_us([lambda c=c: quantized_linear(x, *c, scheme="int8") for c in q8], args.repeats),
+                    "int4": cuda_graph_us([lambda c=c: quantized_linear(x, *c, scheme="int4", group_size=32) for c in q4],
+                                          args.repeats),
+                }
+                del ws, wbs, q8, q4
+            else:
+                wb, xb = w.bfloat16(), x.bfloat16()
+                t = {
+                    "fp32": median_us(lambda: F.linear(x, w), args.repeats),
+                    "bf16": median_us(lambda: F.linear(xb, wb), args.repeats),
+                    "int8": median_us(lambda: quantized_linear(x, p8, s8, scheme="int8"), args.repeats),
+                    "int4": median_us(lambda: quantized_linear(x, p4, s4, scheme="int4", group_size=32), args.repeats),
+                }
             versus_torch = "            -           -"
             if dev == "cpu":  # torch's packed int8/int4 CPU ops
+                tp4, tsz = torch_int4_operands(w, 32)
                 torch8 = median_us(lambda: torch._weight_int8pack_mm(x, p8, s8), max(5, args.repeats // 5))
                 torch4 = median_us(lambda: torch._weight_int4pack_mm_for_cpu(x, tp4, 32, tsz), max(5, args.repeats // 5))
                 versus_torch = f"{torch8 / t['int8']:>10.1f}x {torch4 / t['int4']:>10.1f}x"
             bytes8 = p8.numel() + s8.numel() * 4
             bytes4 = p4.numel() + s4.numel() * 4
-            print(f"{M:>3} {f'{N}x{K}':>12} {t['fp32']:>9.0f} {t['bf16']:>9.0f} {t['int8']:>9.0f} {t['int4']:>9.0f} "
+            print(f"{M:>3} {f'{N}x{K}':>12} {t['fp32']:>9.1f} {t['bf16']:>9.1f} {t['int8']:>9.1f} {t['int4']:>9.1f} "
                   f"{t['fp32'] / t['int8']:>9.2f}x {t['fp32'] / t['int4']:>9.2f}x {t['bf16'] / t['int8']:>9.2f}x {t['bf16'] / t['int4']:>9.2f}x "
                   f"{versus_torch} {bytes8 / t['int8'] / 1e3:>10.1f} {bytes4 / t['int4'] / 1e3:>10.1f}")
     print("goals at M=1: int8 >= 2.5x and int4 >= 4x fp32; both >= 5x torch's int8/int4 ops; at M=8: not slower than bf16")

@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "qmatmul.h"
 #include "qmatmul_checks.h"
 
@@ -15,6 +17,11 @@ cudaError_t launch_quantized_linear_stream(int scheme, const float* x, const int
 cudaError_t launch_dequantize(int scheme, const void* packed, const float* scales, const uint8_t* zeros, float* w,
                               int64_t N, int64_t K, int64_t group, cudaStream_t stream);
 
+// The streaming kernels read 16 bytes per load: a view starting off a 16-byte boundary is copied.
+static at::Tensor aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+}
+
 at::Tensor quantized_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                                  const std::optional<at::Tensor>& zeros, const std::string& scheme_name,
                                  int64_t group_size, const std::optional<at::Tensor>& bias) {
@@ -25,9 +32,9 @@ at::Tensor quantized_linear_cuda(const at::Tensor& x, const at::Tensor& packed, 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool grouped = scheme == Scheme::kInt4 || scheme == Scheme::kInt4Asym;
   const int64_t group = grouped ? group_size : K;
-  const auto x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const auto x2 = aligned16(x.reshape({-1, K}).to(at::kFloat).contiguous());
   const int64_t M = x2.size(0);
-  const auto w = packed.contiguous(), s = scales.contiguous();
+  const auto w = aligned16(packed.contiguous()), s = scales.contiguous();
   const auto z = zeros ? zeros->contiguous() : at::Tensor();
   const uint8_t* zp = z.defined() ? z.data_ptr<uint8_t>() : nullptr;
 

@@ -172,16 +172,61 @@ def test_compiled_kernel_checks_too():
         torch.ops.lightning_spec.quantized_linear(x, packed, scales, None, "fp8", 0, None)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def on_cuda(*tensors):
+    return [t.cuda() if t is not None else None for t in tensors]
+
+
+@needs_cuda
 @pytest.mark.parametrize("scheme,group", SCHEMES)
-@pytest.mark.parametrize("M", [1, 8, 64])
-def test_cuda_matches_reference(scheme, group, M):
-    g = torch.Generator().manual_seed(M)
-    N, K = 1536, 512
-    w, x, bias = torch.randn(N, K, generator=g) * 0.05, torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+@pytest.mark.parametrize("M", [1, 3, 8, 16, 17, 64, 512])
+@pytest.mark.parametrize("N,K", [(576, 576), (1536, 576), (576, 1536), (37, 4096), (49152, 576)])
+def test_cuda_matches_reference(scheme, group, M, N, K):
+    """Streaming kernels up to 16 rows (every row bound), dequantize + cuBLAS above; M = 3 reads a contiguous x that
+    starts off a 16-byte boundary."""
+    if M * N * K > 2e9:
+        pytest.skip("the float64 reference of the largest problems takes too long")
+    if group and K % group:
+        pytest.skip(f"K={K} is not a multiple of group {group}")
+    g = torch.Generator().manual_seed(M + N + K)
+    w, bias = torch.randn(N, K, generator=g) * 0.05, torch.randn(N, generator=g)
+    x = torch.randn(M * K + 1, generator=g)[1:].view(M, K) if M == 3 else torch.randn(M, K, generator=g)
     packed, scales, zeros = quantize_weight(w, scheme, group)
-    want = reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group, bias=bias)
-    cuda = [t.cuda() if t is not None else None for t in (x, packed, scales, zeros, bias)]
-    got = quantized_linear(cuda[0], *cuda[1:4], scheme=scheme, group_size=group, bias=cuda[4])
-    assert got.is_cuda
-    close(got.cpu(), want, K)
+    for b in (None, bias):
+        want = reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group, bias=b)
+        xc, pc, sc, zc, bc = on_cuda(x, packed, scales, zeros, b)
+        got = quantized_linear(xc, pc, sc, zc, scheme=scheme, group_size=group, bias=bc)
+        assert got.is_cuda
+        close(got.cpu(), want, K)
+
+
+@needs_cuda
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+def test_cuda_odd_sizes_views_and_bf16(scheme, group):
+    g = torch.Generator().manual_seed(1)
+    K = 96 if group in (None, 32) else 2 * group
+    K = 100 if scheme in ("int8", "w8a8") else K  # int8: K % 16 != 0 takes the bytewise kernel
+    for N, M in [(49152, 1), (49152, 3), (7, 5)]:
+        w = torch.randn(N + 1, K, generator=g) * 0.05
+        packed, scales, zeros = quantize_weight(w, scheme, group)
+        packed, scales = packed[1:], scales[1:]  # int8 rows of 100 bytes: starts off a 16-byte boundary
+        zeros = zeros[1:] if zeros is not None else None
+        for x in (torch.randn(K, M, generator=g).t(), torch.randn(M * K + 1, generator=g)[1:].view(M, K)):
+            want = reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group)
+            close(quantized_linear(*on_cuda(x, packed, scales, zeros), scheme=scheme, group_size=group).cpu(), want, K)
+    xb = torch.randn(2, 3, K, generator=g).bfloat16()
+    got = quantized_linear(*on_cuda(xb, packed, scales, zeros), scheme=scheme, group_size=group)
+    want = reference.quantized_linear(xb, packed, scales, zeros, scheme=scheme, group_size=group)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 7)
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_cuda
+def test_cuda_rejects_mixed_devices():
+    packed, scales, _ = quantize_weight(torch.randn(16, 128), "int8")
+    with pytest.raises(ValueError, match="packed is on cpu"):
+        quantized_linear(torch.randn(2, 128, device="cuda"), packed, scales, scheme="int8")
+    with pytest.raises(RuntimeError, match="must be on x's device"):
+        torch.ops.lightning_spec.quantized_linear(torch.randn(2, 128, device="cuda"), packed, scales, None, "int8", 0, None)
