@@ -20,7 +20,7 @@ import torch
 
 from lightning_spec import load_causal_lm
 from lightning_spec.data import prompt_ids, read_records, record_kind
-from lightning_spec.decoding import speculative_generate, target_generate, topk_tree
+from lightning_spec.decoding import speculative_generate, target_generate, topk_tree, use_small_batch_linear
 
 
 def held_out_prompts(tokenizer, n: int, val_size: int = 40, seed: int = 0):
@@ -74,11 +74,14 @@ def main():
     parser.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--tree", type=int, nargs="*", default=[2, 2, 1], help="top-k branching per depth; empty: no tree")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stock-linear", action="store_true", help="keep nn.Linear (default: SmallBatchLinear in both models, for every run)")
     args = parser.parse_args()
 
     target, tokenizer = load_causal_lm(args.target)
     draft, _ = load_causal_lm(args.draft)
     target.eval(), draft.eval()
+    if not args.stock_linear:
+        use_small_batch_linear(target), use_small_batch_linear(draft)
     prompts = held_out_prompts(tokenizer, args.prompts)
     runs = {"target_generate": engine(target_generate, target), "draft alone": engine(target_generate, draft)}
     for g in args.gammas:
@@ -106,7 +109,8 @@ def main():
             same = all(torch.equal(a, b) for a, b in zip(outputs[name], outputs["target_generate"]))
             assert same, f"{name}: greedy output differs from the target's"
 
-    print(f"\nspeculative decoding, {args.target} (fp32) + draft {args.draft}, greedy, batch 1, {len(prompts)} held-out "
+    linear = "nn.Linear" if args.stock_linear else "SmallBatchLinear"
+    print(f"\nspeculative decoding, {args.target} (fp32, {linear}) + draft {args.draft}, greedy, batch 1, {len(prompts)} held-out "
           f"prompts x {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"cost ratio c = {c:.3f} (target {base:.1f} tok/s alone, draft {rate['draft alone']:.1f} tok/s alone)")
     header = f"{'run':<28}{'tok/s':>8}{'vs target':>11}{'vs HF':>8}{'alpha':>8}{'tau':>7}{'predicted':>11}"

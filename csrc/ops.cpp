@@ -4,6 +4,7 @@
 
 #include "fake_quant.h"
 #include "qmatmul.h"
+#include "small_batch_linear.h"
 #include "verify.h"
 
 // Importing lightning_spec._C runs the static registrations below; the module itself is empty.
@@ -22,6 +23,7 @@ TORCH_LIBRARY(lightning_spec, m) {
   m.def(
       "fake_quantize(Tensor input, Tensor(a!) scale, Tensor(b!)? zero, str scheme, int group_size, bool observe) -> "
       "(Tensor out, Tensor inside)");
+  m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("qmatmul_cpu_isa() -> str", [] { return lightning_spec::qmatmul_cpu_isa(); });
 }
 
@@ -29,6 +31,7 @@ TORCH_LIBRARY_IMPL(lightning_spec, CPU, m) {
   m.impl("verify_tree", &lightning_spec::verify_tree_cpu);
   m.impl("quantized_linear", &lightning_spec::quantized_linear_cpu);
   m.impl("fake_quantize", &lightning_spec::fake_quantize_cpu);
+  m.impl("small_batch_linear", &lightning_spec::small_batch_linear_cpu);
 }
 
 #ifdef LIGHTNING_SPEC_WITH_CUDA

@@ -3,10 +3,12 @@
 // Small M (decode and verification batches, M <= kStreamRows): the weight is streamed once; each tile of NR
 // output channels x MR rows keeps NR*MR accumulators, and each weight chunk is widened once for all MR rows.
 // at::parallel_for splits the output channels. Large M is compute-bound: dequantize once and let ATen's GEMM run.
-// Paths, chosen at run time: AVX-512 (F+BW; VNNI for w8a8's int16 dot), AVX2+FMA, and plain C++ for any other CPU.
+// Paths, chosen at run time (cpu_isa.h): AVX-512 (VNNI for w8a8's int16 dot), AVX2+FMA, plain C++.
 #include "qmatmul.h"
 
 #include <ATen/Parallel.h>
+
+#include "cpu_isa.h"
 #include "qmatmul_checks.h"
 
 #if defined(__x86_64__)
@@ -16,7 +18,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -72,8 +73,6 @@ void generic_rows(const Problem& p, Scheme scheme, int64_t n0, int64_t n1) {
     }
   }
 }
-
-enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Vnni };
 
 #ifdef LS_X86
 // ---------------------------------------------------------------- AVX-512
@@ -329,23 +328,6 @@ void simd_rows(const Problem& p, Scheme scheme, Isa isa, int64_t n0, int64_t n1)
 }
 
 #endif  // LS_X86
-
-// The best path this CPU has; LIGHTNING_SPEC_QMATMUL_ISA=generic|avx2|avx512 caps it (for tests).
-Isa select_isa() {
-#ifndef LS_X86
-  return Isa::kGeneric;
-#else
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl");
-  static const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
-  const char* cap = std::getenv("LIGHTNING_SPEC_QMATMUL_ISA");
-  const std::string limit = cap ? cap : "";
-  if (limit == "generic" || !avx2) return Isa::kGeneric;
-  if (limit == "avx2" || !avx512) return Isa::kAvx2;
-  return vnni && limit != "avx512" ? Isa::kAvx512Vnni : Isa::kAvx512;
-#endif
-}
 
 // The dequantized fp32 weight (large M), with the same formulas as the streaming kernels; chunk loops that the
 // compiler vectorizes.

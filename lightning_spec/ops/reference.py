@@ -136,6 +136,12 @@ def quantized_linear(x, packed, scales, zeros=None, *, scheme, group_size=None, 
     return y.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
 
 
+def small_batch_linear(x, weight, bias=None):
+    """Reference of lightning_spec.ops.small_batch_linear: F.linear in float64."""
+    y = torch.nn.functional.linear(x.double(), weight.double(), bias.double() if bias is not None else None)
+    return y.to(x.dtype)
+
+
 def fake_quantize(input, scale, zero=None, *, scheme, group_size=None, observe=False):
     """Reference of lightning_spec.ops.fake_quantize: the numerics' PyTorch expressions, one pass each."""
     from lightning_spec.ops.fake_quant import check_fake_quantize_args

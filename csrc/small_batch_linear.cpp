@@ -1,0 +1,154 @@
+// CPU kernel of lightning_spec::small_batch_linear: y = x @ W^T (+ b) in float32 for M <= 16 rows (a decode step,
+// a verification batch). ATen's GEMM runs M = 2..8 at 2-3x its M = 1 time on the build machine; here each tile of
+// NR weight rows x MR input rows streams its weight rows once for all MR rows, so M rows cost about one.
+// Every output is the same k-ordered 16- (8-) lane FMA sum, a fixed lane reduction and a sequential tail, whatever
+// the tile, M or thread split: a row's result does not depend on the other rows, so verifying k tokens in one
+// forward yields bit for bit the logits of decoding them one at a time through this kernel.
+#include "small_batch_linear.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "cpu_isa.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace lightning_spec {
+namespace {
+
+constexpr int64_t kMaxRows = 16;
+
+struct Operands {
+  const float* x;  // [M, K]
+  const float* w;  // [N, K]
+  float* y;        // [M, N]
+  int64_t M, N, K;
+};
+
+float tail_dot(const float* x, const float* w, int64_t k, int64_t K) {
+  float tail = 0.f;
+  for (; k < K; ++k) tail += x[k] * w[k];
+  return tail;
+}
+
+void generic_rows(const Operands& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = tail_dot(p.x + m * p.K, p.w + n * p.K, 0, p.K);
+}
+
+#if defined(__x86_64__)
+#define LS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+#define LS_AVX2 __attribute__((target("avx2,fma")))
+
+template <int NR, int MR>
+LS_AVX512 void tile_avx512(const Operands& p, int64_t n, int64_t m) {
+  __m512 acc[NR][MR];
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r) acc[i][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= p.K; k += 16) {
+    __m512 xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = _mm512_loadu_ps(p.x + (m + r) * p.K + k);
+    for (int i = 0; i < NR; ++i) {
+      const __m512 wv = _mm512_loadu_ps(p.w + (n + i) * p.K + k);
+      for (int r = 0; r < MR; ++r) acc[i][r] = _mm512_fmadd_ps(xv[r], wv, acc[i][r]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r)
+      p.y[(m + r) * p.N + n + i] = _mm512_reduce_add_ps(acc[i][r]) + tail_dot(p.x + (m + r) * p.K, p.w + (n + i) * p.K, k, p.K);
+}
+
+LS_AVX2 inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+template <int NR, int MR>
+LS_AVX2 void tile_avx2(const Operands& p, int64_t n, int64_t m) {
+  __m256 acc[NR][MR];
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= p.K; k += 8) {
+    __m256 xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_ps(p.x + (m + r) * p.K + k);
+    for (int i = 0; i < NR; ++i) {
+      const __m256 wv = _mm256_loadu_ps(p.w + (n + i) * p.K + k);
+      for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_fmadd_ps(xv[r], wv, acc[i][r]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r)
+      p.y[(m + r) * p.N + n + i] = hsum8(acc[i][r]) + tail_dot(p.x + (m + r) * p.K, p.w + (n + i) * p.K, k, p.K);
+}
+
+template <int NR, int MR>
+void tile(const Operands& p, Isa isa, int64_t n, int64_t m) {
+  if (isa == Isa::kAvx2) return tile_avx2<NR, MR>(p, n, m);
+  tile_avx512<NR, MR>(p, n, m);
+}
+
+// Four rows per tile (16 accumulators + 4 inputs + a weight vector fit AVX-512's 32 registers), then the rest.
+template <int NR>
+void tile_rows(const Operands& p, Isa isa, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) tile<NR, 4>(p, isa, n, m);
+  switch (p.M - m) {
+    case 3: return tile<NR, 3>(p, isa, n, m);
+    case 2: return tile<NR, 2>(p, isa, n, m);
+    case 1: return tile<NR, 1>(p, isa, n, m);
+    default: return;
+  }
+}
+
+void simd_rows(const Operands& p, Isa isa, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) tile_rows<4>(p, isa, n);
+  for (; n < n1; ++n) tile_rows<1>(p, isa, n);
+}
+#endif
+
+}  // namespace
+
+at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1, "small_batch_linear: x must be float32 [..., K], got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 2,
+              "small_batch_linear: weight must be float32 [N, K], got ", weight.scalar_type(), " ", weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(-1) == K, "small_batch_linear: x has ", x.size(-1), " input features, weight has K = ", K);
+  TORCH_CHECK(x.device() == weight.device(), "small_batch_linear: weight must be on x's device ", x.device());
+  if (bias)
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N && bias->device() == x.device(),
+                "small_batch_linear: bias must be float32 [", N, "] on x's device, got ", bias->sizes());
+  const auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  TORCH_CHECK(M <= kMaxRows, "small_batch_linear: at most ", kMaxRows, " rows, got ", M);
+  const auto w = weight.contiguous();
+  auto y = at::empty({M, N}, x2.options());
+  const Operands p{x2.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), M, N, K};
+  if (M > 0 && N > 0) {
+    const Isa isa = select_isa();
+    const int64_t tiles = (N + 3) / 4;
+    // A thread per ~512K multiply-adds at least: waking a second thread costs more than a small layer's product.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / (4 * std::max<int64_t>(K, 1) * M));
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+      const int64_t n0 = t0 * 4, n1 = std::min(N, t1 * 4);
+#if defined(__x86_64__)
+      if (isa != Isa::kGeneric) return simd_rows(p, isa, n0, n1);
+#endif
+      generic_rows(p, n0, n1);
+    });
+  }
+  if (bias) y.add_(*bias);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  return y.reshape(out_shape);
+}
+
+}  // namespace lightning_spec
