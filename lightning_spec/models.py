@@ -103,8 +103,8 @@ def load_model(source: Union[str, os.PathLike], dtype: torch.dtype = torch.float
 
 def check_vocab_compatible(draft: PreTrainedModel, target: PreTrainedModel, draft_tokenizer=None, target_tokenizer=None):
     """Raise ``ValueError`` unless draft and target score the same vocabulary."""
-    d_vocab = draft.get_output_embeddings().weight.shape[0]
-    t_vocab = target.get_output_embeddings().weight.shape[0]
+    d_vocab = draft.get_output_embeddings().out_features  # nn.Linear or a quantized head alike
+    t_vocab = target.get_output_embeddings().out_features
     if d_vocab != t_vocab:
         raise ValueError(f"vocabulary mismatch: draft has {d_vocab} output tokens, target has {t_vocab}")
     if draft_tokenizer is not None and target_tokenizer is not None:

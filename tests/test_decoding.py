@@ -1,6 +1,8 @@
 """The decoding engine: greedy output equals the target's own (tiny models and SmolLM2), sampling is lossless
 (chi-square of the first three emitted tokens against the target's exact distribution), KV rollback under ragged
 acceptance and compaction, stats, bad input."""
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -8,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lightning_spec.decoding import chain, speculative_generate, target_generate, topk_tree, warp
 from lightning_spec.decoding.kv import CachedLM
 from lightning_spec.models import build_draft, load_causal_lm
+from lightning_spec.quant import quantize_model
 
 from chisquare import chi_square_pvalue
 
@@ -186,6 +189,15 @@ def test_bad_input_is_named(pair, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         speculative_generate(target, draft, **args)
+
+
+def test_a_quantized_draft_head_included_decodes_like_the_target(pair):
+    target, draft = pair
+    draft = copy.deepcopy(draft)
+    quantize_model(draft, "int8", None, exclude=())  # the head too: a QuantizedLinear has no .weight
+    ids, mask = ragged_prompts()
+    out = speculative_generate(target, draft, ids, 24, attention_mask=mask, gamma=3, eos_token_id=[])
+    assert torch.equal(out.tokens, hf_greedy(target, ids, mask, 24)) and out.stats.accepted > 0
 
 
 def test_vocabulary_mismatch_is_refused(pair):
