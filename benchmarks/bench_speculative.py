@@ -9,6 +9,10 @@ Median over repeats; tokens/s include the prompt's prefill.
 
     make demo   # exports artifacts/smollm2_draft
     python benchmarks/bench_speculative.py [--draft artifacts/smollm2_draft] [--gammas 1 2 4] [--tree 2 2 1]
+        [--draft-scheme int8|int4] [--stock-linear]
+
+Both models run on SmallBatchLinear (use_small_batch_linear) in every run unless --stock-linear; --draft-scheme
+quantizes the draft, head included, with quantize_model.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 
 from lightning_spec import load_causal_lm
 from lightning_spec.data import prompt_ids, read_records, record_kind
+from lightning_spec.quant import quantize_model
 from lightning_spec.decoding import speculative_generate, target_generate, topk_tree, use_small_batch_linear
 
 
@@ -74,12 +79,15 @@ def main():
     parser.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--tree", type=int, nargs="*", default=[2, 2, 1], help="top-k branching per depth; empty: no tree")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--draft-scheme", choices=["int8", "int4"], help="quantize the draft (head included) with quantize_model")
     parser.add_argument("--stock-linear", action="store_true", help="keep nn.Linear (default: SmallBatchLinear in both models, for every run)")
     args = parser.parse_args()
 
     target, tokenizer = load_causal_lm(args.target)
     draft, _ = load_causal_lm(args.draft)
     target.eval(), draft.eval()
+    if args.draft_scheme:
+        quantize_model(draft, args.draft_scheme, 32 if args.draft_scheme.startswith("int4") else None, exclude=())
     if not args.stock_linear:
         use_small_batch_linear(target), use_small_batch_linear(draft)
     prompts = held_out_prompts(tokenizer, args.prompts)
