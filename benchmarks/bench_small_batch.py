@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from bench_sampling import median_ms  # benchmarks run as scripts from this folder
 from lightning_spec import load_causal_lm
 from lightning_spec.decoding import use_small_batch_linear
 from lightning_spec.decoding.kv import CachedLM
@@ -23,17 +22,6 @@ from lightning_spec.ops import small_batch_linear
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 ROWS = [1, 3, 5, 8, 16]
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def forward_ms(model, q: int, repeats: int, context: int = 60) -> float:

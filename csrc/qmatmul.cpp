@@ -11,11 +11,6 @@
 #include "cpu_isa.h"
 #include "qmatmul_checks.h"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define LS_X86 1
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -76,9 +71,6 @@ void generic_rows(const Problem& p, Scheme scheme, int64_t n0, int64_t n1) {
 
 #ifdef LS_X86
 // ---------------------------------------------------------------- AVX-512
-
-#define LS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-#define LS_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 
 LS_AVX512 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
@@ -184,14 +176,6 @@ LS_W8A8_TILE(w8a8_tile_madd, LS_AVX512, LS_MADD_STEP)
 LS_W8A8_TILE(w8a8_tile_vnni, LS_AVX512_VNNI, LS_VNNI_STEP)
 
 // ---------------------------------------------------------------- AVX2 (8 lanes; for CPUs without AVX-512)
-
-#define LS_AVX2 __attribute__((target("avx2,fma")))
-
-LS_AVX2 inline float hsum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
 
 LS_AVX2 inline int32_t hsum8i(__m256i v) {
   const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));

@@ -12,10 +12,6 @@
 
 #include "cpu_isa.h"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 namespace lightning_spec {
 namespace {
 
@@ -39,10 +35,7 @@ void generic_rows(const Operands& p, int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = tail_dot(p.x + m * p.K, p.w + n * p.K, 0, p.K);
 }
 
-#if defined(__x86_64__)
-#define LS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-#define LS_AVX2 __attribute__((target("avx2,fma")))
-
+#ifdef LS_X86
 template <int NR, int MR>
 LS_AVX512 void tile_avx512(const Operands& p, int64_t n, int64_t m) {
   __m512 acc[NR][MR];
@@ -60,12 +53,6 @@ LS_AVX512 void tile_avx512(const Operands& p, int64_t n, int64_t m) {
   for (int i = 0; i < NR; ++i)
     for (int r = 0; r < MR; ++r)
       p.y[(m + r) * p.N + n + i] = _mm512_reduce_add_ps(acc[i][r]) + tail_dot(p.x + (m + r) * p.K, p.w + (n + i) * p.K, k, p.K);
-}
-
-LS_AVX2 inline float hsum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
 template <int NR, int MR>
@@ -139,7 +126,7 @@ at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / (4 * std::max<int64_t>(K, 1) * M));
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       const int64_t n0 = t0 * 4, n1 = std::min(N, t1 * 4);
-#if defined(__x86_64__)
+#ifdef LS_X86
       if (isa != Isa::kGeneric) return simd_rows(p, isa, n0, n1);
 #endif
       generic_rows(p, n0, n1);

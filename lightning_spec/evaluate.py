@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lightning_spec.data import prompt_ids, read_records, record_kind
-from lightning_spec.decoding import DecodingStats, speculative_generate, target_generate, topk_tree
+from lightning_spec.decoding import DecodingStats, speculative_generate, target_generate, topk_tree, use_small_batch_linear
 from lightning_spec.metrics import (
     AcceptanceRate, KLDivergence, MeanAcceptedLength, PositionalAcceptance, TokenAgreement, TopKAgreement,
 )
@@ -97,8 +97,10 @@ def run_engine(fn, prompts, max_new_tokens, progress, **kwargs):
 
 def evaluate(target_source: str, drafts: Dict[str, str], prompts: str = "builtin:prompts", num_prompts: int = 8,
              gammas: Sequence[int] = (1, 2, 4), tree: Optional[Sequence[int]] = (2, 2, 1), max_new_tokens: int = 48,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, out: str = "artifacts/eval") -> dict:
-    """Run the comparison and write the report; returns what metrics.json holds."""
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, out: str = "artifacts/eval",
+             stock_linear: bool = False) -> dict:
+    """Run the comparison and write the report; returns what metrics.json holds. Target and drafts decode on
+    SmallBatchLinear (the CPU kernel for decode and verification batches) unless ``stock_linear``."""
     if not gammas or any(not isinstance(g, int) or g < 1 for g in gammas):
         raise ValueError(f"gammas must be integers >= 1, got {list(gammas)}")
     target, tokenizer = load_causal_lm(target_source)
@@ -108,6 +110,9 @@ def evaluate(target_source: str, drafts: Dict[str, str], prompts: str = "builtin
             check_vocab_compatible(draft, target)
         except ValueError as err:
             raise ValueError(f"draft {name!r}: {err}") from err
+    if not stock_linear:
+        for model in (target, *models.values()):
+            use_small_batch_linear(model)
     prompt_set = load_prompts(tokenizer, prompts, num_prompts)
     shapes = {f"gamma={g}": dict(gamma=g) for g in gammas}
     if tree:
@@ -121,7 +126,8 @@ def evaluate(target_source: str, drafts: Dict[str, str], prompts: str = "builtin
     step_seconds = baseline.target_time / baseline.target_calls
     report = {
         "target": target_source, "prompts": prompts, "num_prompts": len(prompt_set), "max_new_tokens": max_new_tokens,
-        "temperature": temperature, "top_p": top_p, "threads": torch.get_num_threads(), "target_tokens_per_s": base_rate, "drafts": {},
+        "temperature": temperature, "top_p": top_p, "threads": torch.get_num_threads(), "linear": "nn.Linear" if stock_linear else "SmallBatchLinear",
+        "target_tokens_per_s": base_rate, "drafts": {},
     }
     lengths = [p.shape[1] for p in prompt_set]
     for name, draft in models.items():
@@ -155,7 +161,7 @@ def _markdown(report: dict) -> str:
         f"# Speculative decoding report: {report['target']}",
         "",
         f"{report['num_prompts']} prompts from `{report['prompts']}`, {report['max_new_tokens']} new tokens each, batch 1, "
-        f"temperature {report['temperature']}, top-p {report['top_p']}, {report['threads']} CPU threads. "
+        f"temperature {report['temperature']}, top-p {report['top_p']}, {report['threads']} CPU threads, {report['linear']}. "
         f"Baseline `target_generate`: {report['target_tokens_per_s']:.1f} tokens/s.",
         "",
         "## Fidelity on the target's continuations",
@@ -250,11 +256,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="artifacts/eval")
+    parser.add_argument("--stock-linear", action="store_true", help="decode on nn.Linear instead of SmallBatchLinear")
     args = parser.parse_args(argv)
     try:
         report = evaluate(
             args.target, parse_drafts(args.drafts), args.prompts, args.num_prompts, args.gammas, args.tree or None,
-            args.max_new_tokens, args.temperature, args.top_p, args.seed, args.out,
+            args.max_new_tokens, args.temperature, args.top_p, args.seed, args.out, args.stock_linear,
         )
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))

@@ -10,6 +10,8 @@ from lightning_spec.ops import active_implementation, fake_quantize, reference
 from lightning_spec.quant import FakeQuantLinear
 from lightning_spec.quant.fake import OBSERVE
 
+from cpu_paths import use_cpu_path
+
 # (scheme, group_size, K): per-row K with a 16-lane tail, groups of every size
 CASES = [("int8", None, 100), ("w8a8", None, 576), ("int4", 32, 96), ("int4", 64, 576), ("int4", 128, 256),
          ("int4_asym", 32, 96), ("int4_asym", 128, 256)]
@@ -18,11 +20,7 @@ CASES = [("int8", None, 100), ("w8a8", None, 576), ("int4", 32, 96), ("int4", 64
 @pytest.fixture(params=["auto", "generic"])
 def isa(request, monkeypatch):
     """Both CPU paths: the best one this machine has, and plain C++."""
-    if request.param == "auto":
-        monkeypatch.delenv("LIGHTNING_SPEC_QMATMUL_ISA", raising=False)
-    else:
-        monkeypatch.setenv("LIGHTNING_SPEC_QMATMUL_ISA", request.param)
-    return request.param
+    return use_cpu_path(request.param, monkeypatch)
 
 
 def hard_input(rows, K, seed=0, device="cpu"):

@@ -10,19 +10,15 @@ from lightning_spec.ops import active_implementation, quantized_linear, referenc
 from lightning_spec.quant import QuantizedLinear, dequantize_weight, fake_quantize_weight, quantize_model, quantize_weight
 from lightning_spec.quant.numerics import quantize_codes
 
+from cpu_paths import use_cpu_path
+
 SCHEMES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("int4_asym", 32), ("int4_asym", 128), ("w8a8", None)]
 
 
 @pytest.fixture(params=["auto", "avx512", "avx2", "generic"])
 def isa(request, monkeypatch):
     """Every CPU path this machine can run: the best one, AVX-512 without VNNI, AVX2, plain C++."""
-    if request.param == "auto":
-        monkeypatch.delenv("LIGHTNING_SPEC_QMATMUL_ISA", raising=False)
-    else:
-        monkeypatch.setenv("LIGHTNING_SPEC_QMATMUL_ISA", request.param)
-        if request.param != "generic" and torch.ops.lightning_spec.qmatmul_cpu_isa() == "generic":
-            pytest.skip(f"this CPU has no {request.param}")
-    return request.param
+    return use_cpu_path(request.param, monkeypatch)
 
 
 def close(got, want, K):

@@ -9,17 +9,13 @@ from lightning_spec import build_draft, load_causal_lm
 from lightning_spec.decoding import SmallBatchLinear, speculative_generate, target_generate, use_small_batch_linear
 from lightning_spec.ops import active_implementation, reference, small_batch_linear
 
+from cpu_paths import use_cpu_path
+
 
 @pytest.fixture(params=["auto", "avx2", "generic"])
 def isa(request, monkeypatch):
     """Every CPU path this machine can run: the best one, AVX2, plain C++."""
-    if request.param == "auto":
-        monkeypatch.delenv("LIGHTNING_SPEC_QMATMUL_ISA", raising=False)
-    else:
-        monkeypatch.setenv("LIGHTNING_SPEC_QMATMUL_ISA", request.param)
-        if request.param != "generic" and torch.ops.lightning_spec.qmatmul_cpu_isa() == "generic":
-            pytest.skip(f"this CPU has no {request.param}")
-    return request.param
+    return use_cpu_path(request.param, monkeypatch)
 
 
 def test_compiled_op_is_in_use():
