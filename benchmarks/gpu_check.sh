@@ -18,8 +18,12 @@ echo "build: $(( $(date +%s) - start )) s"
 "$PY" -c "import torch, lightning_spec.ops as o; assert torch._C._dispatch_has_kernel_for_dispatch_key('lightning_spec::verify_tree', 'CUDA'), 'the extension has no CUDA kernel'; print('extension', o.extension_path())"
 tests=0
 parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)  # pytest-xdist, where installed
-CI=true "$PY" -m pytest -q -p no:cacheprovider -rfE $parallel tests/test_verify_ops.py tests/test_quant.py tests/test_fake_quant_op.py tests/test_cuda_build.py || tests=$?
-echo "tests: $(( $(date +%s) - start )) s"
+op_tests="tests/test_verify_ops.py tests/test_quant.py tests/test_fake_quant_op.py tests/test_small_batch_linear.py tests/test_cuda_build.py"
+# The CUDA tests first (what only this machine can run), then the rest of the op tests.
+CI=true "$PY" -m pytest -q -p no:cacheprovider -rfE $parallel -k cuda $op_tests || tests=$?
+echo "CUDA tests: $(( $(date +%s) - start )) s"
+CI=true "$PY" -m pytest -q -p no:cacheprovider -rfE $parallel -k "not cuda" -m "not slow" $op_tests || tests=$?
+echo "all tests: $(( $(date +%s) - start )) s"
 "$PY" benchmarks/bench_verify.py --device cuda --repeats 50
 "$PY" benchmarks/bench_qmatmul.py --device cuda --repeats 100 --m 1 8
 "$PY" benchmarks/bench_fake_quant.py --device cuda --repeats 10
