@@ -2,8 +2,8 @@
 // a verification batch). ATen's GEMM runs M = 2..8 at 2-3x its M = 1 time on the build machine; here each tile of
 // NR weight rows x MR input rows streams its weight rows once for all MR rows, so M rows cost about one.
 // Every output is the same k-ordered 16- (8-) lane FMA sum, a fixed lane reduction and a sequential tail, whatever
-// the tile, M or thread split: a row's result does not depend on the other rows, so verifying k tokens in one
-// forward yields bit for bit the logits of decoding them one at a time through this kernel.
+// the tile, M or thread split: a row's result does not depend on the other rows, so in a k-token verification each
+// token gets bit for bit the layer outputs it gets when decoded alone.
 #include "small_batch_linear.h"
 
 #include <ATen/Parallel.h>
