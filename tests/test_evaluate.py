@@ -33,9 +33,16 @@ def test_cli_writes_the_report(tmp_path, tiny_dir, prompts, monkeypatch, capsys)
     assert 0 <= metrics["drafts"]["cut"]["fidelity"]["alpha"] <= 1 and metrics["drafts"]["cut"]["best_gamma"] >= 1
     report = (out / "report.md").read_text()
     assert "| dir | gamma=3 |" in report and "Fidelity" in report
+    assert metrics["linear"] == "SmallBatchLinear" and "SmallBatchLinear." in report
     for png in ("acceptance_per_position.png", "gamma_sweep.png", "measured_vs_predicted.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "report written to" in capsys.readouterr().out
+
+
+def test_stock_linear_keeps_nn_linear(tmp_path, tiny_dir, prompts):
+    metrics = evaluate(str(tiny_dir), {"cut": "cut:0"}, prompts, gammas=[1], tree=None, max_new_tokens=4,
+                       out=str(tmp_path / "r"), stock_linear=True)
+    assert metrics["linear"] == "nn.Linear" and "nn.Linear." in (tmp_path / "r" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("spec,match", [(["nameonly"], "name=source"), (["a=x", "a=y"], "twice"), ([], "at least one")])
