@@ -13,6 +13,7 @@ from torch import nn
 from conftest import make_tiny_target
 from lightning_spec.callbacks import QATScheduler
 from lightning_spec.distill import DraftDistillationModule
+from lightning_spec.models import build_draft
 from lightning_spec.quant import FakeQuantLinear, QuantizedLinear, convert, dequantize_weight, prepare_qat, quantize_weight
 from lightning_spec.quant.fake import FROZEN, OBSERVE, OFF
 from lightning_spec.ops.fake_quant import fake_quantize_activation, fake_quantize_weight
@@ -141,6 +142,23 @@ def test_learned_scales_train_in_their_own_group_under_one_cycle(tokenizer, qa_d
     assert len(groups) == 2 and groups[1]["lr"] == 1e-3 and groups[1]["weight_decay"] == 0
     assert {id(p) for p in groups[1]["params"]} == {id(layer.weight_scale) for layer in qat.layers}
     assert not any(id(layer.weight_scale) in {id(p) for p in groups[0]["params"]} for layer in qat.layers)
+
+
+def test_a_trained_model_teaches_its_own_fake_quantized_copy(tokenizer, qa_datamodule, make_trainer):
+    """The README's recipe for quantizing a trained model: its fp copy is the teacher, so the loss is 0 until fake
+    quantization starts, then measures what quantization changed; the teacher stays as it was."""
+    torch.manual_seed(0)
+    draft = build_draft(make_tiny_target(), num_layers=2)
+    teacher = copy.deepcopy(draft)
+    before = copy.deepcopy(teacher.state_dict())
+    module = DraftDistillationModule(target=teacher, draft=draft, tokenizer=tokenizer, loss="fkl")
+    recorder = Recorder()
+    trainer = make_trainer(max_steps=6, callbacks=[QATScheduler(weight="int4", group_size=32, start_step=2, freeze_step=4), recorder])
+    trainer.fit(module, datamodule=qa_datamodule())
+    assert recorder.phases == [OFF, OFF, OBSERVE, OBSERVE, FROZEN, FROZEN]
+    assert max(recorder.losses[:2]) < 1e-6 < min(recorder.losses[2:])
+    assert not any(isinstance(m, FakeQuantLinear) for m in teacher.modules())
+    torch.testing.assert_close(teacher.state_dict(), before, rtol=0, atol=0)
 
 
 RESUMES = {
