@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("draft", "target"), default="draft", help="what is quantized")
     parser.add_argument("--steps", type=int, default=240)
-    parser.add_argument("--lr", type=float, default=None, help="peak lr; default: 1e-4 for the draft, 2e-5 for the target")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak lr of the cosine")
     parser.add_argument("--draft", default="artifacts/smollm2_draft", help="fp draft (else the target's layers 0-3)")
     parser.add_argument("--learn-scales", action="store_true", help="also run QAT with learned (LSQ) scales, at lr / 10")
     args = parser.parse_args()
@@ -102,7 +102,6 @@ def main() -> None:
     train_split = datamodule.splits["train"]
     datamodule.splits["train"] = train_split.remove_columns([c for c in ("teacher_indices", "teacher_logprobs") if c in train_split.column_names])
     held_out = HeldOut(target, datamodule.val_dataloader())
-    args.lr = args.lr or (1e-4 if args.model == "draft" else 2e-5)
     fp_model = start_draft(args.draft, target) if args.model == "draft" else target
     what = (args.draft if Path(args.draft).is_dir() else "cut of layers 0-3") if args.model == "draft" else "the target"
     print(f"fp: {what}; QAT: {args.steps} steps of fkl self-distillation, lr {args.lr} on a cosine, scales frozen at step {args.steps // 2}")
