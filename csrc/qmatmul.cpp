@@ -363,19 +363,22 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   int64_t N, K;
   std::tie(scheme, N, K) = check_quantized_linear_args(x, packed, scales, zeros, scheme_name, group_size, bias);
   const bool grouped = scheme == Scheme::kInt4 || scheme == Scheme::kInt4Asym;
-  const auto x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = x2.size(0);
+  // A decode step's call takes microseconds: no views or copies of x unless it is bf16 or strided.
+  const auto x_float = x.scalar_type() == at::kFloat && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  at::DimVector out_shape(x.sizes());
+  out_shape.back() = N;
   const auto w = packed.contiguous();
   const auto s = scales.contiguous();
   const auto z = zeros ? zeros->contiguous() : at::Tensor();
-  Problem p{x2.data_ptr<float>(), nullptr, nullptr, nullptr, w.data_ptr(), s.data_ptr<float>(),
+  Problem p{x_float.data_ptr<float>(), nullptr, nullptr, nullptr, w.data_ptr(), s.data_ptr<float>(),
             z.defined() ? z.data_ptr<uint8_t>() : nullptr, nullptr, M, N, K, grouped ? group_size : K};
 
   at::Tensor xq16, xs;
   at::Tensor xdq;  // w8a8 with large M: the activation as its codes times its scale
   if (scheme == Scheme::kW8A8) {
     at::Tensor codes;
-    std::tie(codes, xs) = quantize_activation_per_token(x2);
+    std::tie(codes, xs) = quantize_activation_per_token(x_float.view({M, K}));
     xq16 = codes.to(at::kShort).contiguous();
     xdq = codes * xs.unsqueeze(1);
     p.xq = xq16.data_ptr<int16_t>();
@@ -393,9 +396,9 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
 
   at::Tensor y;
   if (!stream) {
-    y = at::linear(scheme == Scheme::kW8A8 ? xdq : x2, dequantize(p, scheme));
+    y = at::linear(scheme == Scheme::kW8A8 ? xdq : x_float.view({M, K}), dequantize(p, scheme)).view(out_shape);
   } else {
-    y = at::empty({M, N}, at::kFloat);
+    y = at::empty(out_shape, at::kFloat);
     p.y = y.data_ptr<float>();
     const int64_t tiles = (N + 3) / 4;
     // A thread per ~512K multiply-adds at least: waking a second thread costs more than a small layer's product.
@@ -408,10 +411,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
       generic_rows(p, scheme, n0, n1);
     });
   }
-  if (bias) y = y + bias->to(at::kFloat);
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
-  return y.to(x.scalar_type()).reshape(out_shape);
+  if (bias) y.add_(*bias);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 }  // namespace lightning_spec

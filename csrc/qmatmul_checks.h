@@ -1,6 +1,7 @@
-// Host-side pieces of lightning_spec::quantized_linear shared by the CPU and CUDA kernels: the argument checks
-// (each message names the argument; the Python wrapper, lightning_spec/ops/qmatmul.py, checks the same first with
-// ValueErrors) and w8a8's activation quantization.
+// Host-side pieces of lightning_spec::quantized_linear shared by the CPU and CUDA kernels: the argument checks (each
+// a ValueError naming the argument, so that the Python wrapper, lightning_spec/ops/qmatmul.py, adds no per-call
+// checks of its own; its fake implementation checks the same under torch.compile) and w8a8's activation
+// quantization.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -20,7 +21,7 @@ inline Scheme parse_scheme(const std::string& scheme, const char* op = "quantize
   if (scheme == "int4") return Scheme::kInt4;
   if (scheme == "int4_asym") return Scheme::kInt4Asym;
   if (scheme == "w8a8") return Scheme::kW8A8;
-  TORCH_CHECK(false, op, ": unknown scheme '", scheme, "' (int8, int4, int4_asym, w8a8)");
+  TORCH_CHECK_VALUE(false, op, ": unknown scheme '", scheme, "' (int8, int4, int4_asym, w8a8)");
 }
 
 // Returns (scheme, N, K).
@@ -29,41 +30,43 @@ inline std::tuple<Scheme, int64_t, int64_t> check_quantized_linear_args(
     const std::string& scheme_name, int64_t group_size, const std::optional<at::Tensor>& bias) {
   const Scheme scheme = parse_scheme(scheme_name);
   const bool grouped = scheme == Scheme::kInt4 || scheme == Scheme::kInt4Asym;
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "quantized_linear: x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1, "quantized_linear: x must have at least one dimension");
-  for (const auto* t : {&packed, &scales})
-    TORCH_CHECK(t->device() == x.device(), "quantized_linear: packed weights and scales must be on x's device ", x.device());
-  TORCH_CHECK(packed.dim() == 2, "quantized_linear: packed must be 2-D, got ", packed.sizes());
-  TORCH_CHECK(packed.scalar_type() == (grouped ? at::kByte : at::kChar), "quantized_linear: ", scheme_name,
-              " packed weights must be ", grouped ? "uint8 [N, K/2]" : "int8 [N, K]", ", got ", packed.scalar_type(),
-              " (packed for another scheme?)");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                    "quantized_linear: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "quantized_linear: x must have at least one dimension");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"packed", &packed}, {"scales", &scales}})
+    TORCH_CHECK_VALUE(t->device() == x.device(), "quantized_linear: ", name, " is on ", t->device(), " but x is on ",
+                      x.device());
+  TORCH_CHECK_VALUE(packed.dim() == 2, "quantized_linear: packed must be 2-D, got ", packed.sizes());
+  TORCH_CHECK_VALUE(packed.scalar_type() == (grouped ? at::kByte : at::kChar), "quantized_linear: ", scheme_name,
+                    " packed weights must be ", grouped ? "uint8 [N, K/2]" : "int8 [N, K]", ", got ",
+                    packed.scalar_type(), " (packed for another scheme?)");
   const int64_t N = packed.size(0);
   const int64_t K = grouped ? packed.size(1) * 2 : packed.size(1);
-  TORCH_CHECK(x.size(-1) == K, "quantized_linear: x has ", x.size(-1), " input features, the packed weight has K = ", K);
+  TORCH_CHECK_VALUE(x.size(-1) == K, "quantized_linear: x has ", x.size(-1),
+                    " input features, the packed weight has K = ", K);
   if (grouped) {
-    TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128,
-                "quantized_linear: group_size must be 32, 64 or 128 for ", scheme_name, ", got ", group_size);
-    TORCH_CHECK(K % group_size == 0, "quantized_linear: K = ", K, " is not divisible by group_size ", group_size);
+    TORCH_CHECK_VALUE(group_size == 32 || group_size == 64 || group_size == 128,
+                      "quantized_linear: group_size must be 32, 64 or 128 for ", scheme_name, ", got ",
+                      group_size ? std::to_string(group_size) : "None");
+    TORCH_CHECK_VALUE(K % group_size == 0, "quantized_linear: K = ", K, " is not divisible by group_size ", group_size);
   } else {
-    TORCH_CHECK(group_size == 0, "quantized_linear: ", scheme_name, " is per channel; group_size must be None");
+    TORCH_CHECK_VALUE(group_size == 0, "quantized_linear: ", scheme_name, " is per channel; group_size must be None");
   }
   const std::vector<int64_t> scale_shape = grouped ? std::vector<int64_t>{N, K / group_size} : std::vector<int64_t>{N};
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.sizes() == at::IntArrayRef(scale_shape),
-              "quantized_linear: scales must be float32 ", at::IntArrayRef(scale_shape), ", got ", scales.scalar_type(), " ",
-              scales.sizes());
+  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat && scales.sizes() == at::IntArrayRef(scale_shape),
+                    "quantized_linear: scales must be float32 ", at::IntArrayRef(scale_shape), ", got ",
+                    scales.scalar_type(), " ", scales.sizes());
   if (scheme == Scheme::kInt4Asym) {
-    TORCH_CHECK(zeros.has_value() && zeros->scalar_type() == at::kByte && zeros->sizes() == at::IntArrayRef(scale_shape) &&
-                    zeros->device() == x.device(),
-                "quantized_linear: int4_asym needs zeros uint8 ", at::IntArrayRef(scale_shape), " on x's device");
+    TORCH_CHECK_VALUE(zeros.has_value() && zeros->scalar_type() == at::kByte &&
+                          zeros->sizes() == at::IntArrayRef(scale_shape) && zeros->device() == x.device(),
+                      "quantized_linear: int4_asym needs zeros uint8 ", at::IntArrayRef(scale_shape), " on x's device");
   } else {
-    TORCH_CHECK(!zeros.has_value(), "quantized_linear: ", scheme_name, " is symmetric; zeros must be None");
+    TORCH_CHECK_VALUE(!zeros.has_value(), "quantized_linear: ", scheme_name, " is symmetric; zeros must be None");
   }
   if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device() == x.device(),
-                "quantized_linear: bias must be [", N, "] on x's device, got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N && bias->device() == x.device(),
+                      "quantized_linear: bias must be [", N, "] on x's device, got ", bias->sizes());
   }
-
   return {scheme, N, K};
 }
 

@@ -126,6 +126,14 @@ def test_quantized_model_compiles():
         assert torch.allclose(compiled(x), model.model.layers[0].mlp(x))
 
 
+def test_bad_input_is_named_under_compile_too():
+    """Tracing runs the fake implementation, which checks what the compiled op checks."""
+    packed, scales, _ = quantize_weight(torch.randn(16, 128), "int4", 32)
+    traced = torch.compile(lambda x: quantized_linear(x, packed, scales, scheme="int4", group_size=64), backend="aot_eager")
+    with pytest.raises(RuntimeError, match="scales must be float32"):  # dynamo wraps the ValueError
+        traced(torch.randn(2, 128))
+
+
 def test_compiled_quantized_model_decodes_like_eager():
     """The README's recipe for fast CPU decoding: inductor, dynamic shapes, through the engine's growing cache."""
     model = tiny_llama()
@@ -160,11 +168,14 @@ def test_bad_input_is_named(call, match):
 
 
 def test_compiled_kernel_checks_too():
+    """The wrapper adds no checks of its own: the op's are ValueErrors naming the argument."""
     w, x = torch.randn(16, 128), torch.randn(2, 128)
     packed, scales, _ = quantize_weight(w, "int8")
-    with pytest.raises(RuntimeError, match="int4 packed weights must be uint8"):
+    with pytest.raises(ValueError, match="int4 packed weights must be uint8"):
         torch.ops.lightning_spec.quantized_linear(x, packed, scales, None, "int4", 32, None)
-    with pytest.raises(RuntimeError, match="unknown scheme"):
+    with pytest.raises(ValueError, match="group_size must be 32, 64 or 128 for int4, got None"):
+        quantized_linear(x, *quantize_weight(w, "int4", 32), scheme="int4")
+    with pytest.raises(ValueError, match="unknown scheme"):
         torch.ops.lightning_spec.quantized_linear(x, packed, scales, None, "fp8", 0, None)
 
 
@@ -224,5 +235,5 @@ def test_cuda_rejects_mixed_devices():
     packed, scales, _ = quantize_weight(torch.randn(16, 128), "int8")
     with pytest.raises(ValueError, match="packed is on cpu"):
         quantized_linear(torch.randn(2, 128, device="cuda"), packed, scales, scheme="int8")
-    with pytest.raises(RuntimeError, match="must be on x's device"):
-        torch.ops.lightning_spec.quantized_linear(torch.randn(2, 128, device="cuda"), packed, scales, None, "int8", 0, None)
+    with pytest.raises(ValueError, match="scales is on cpu"):
+        quantized_linear(torch.randn(2, 128, device="cuda"), packed.cuda(), scales, scheme="int8")

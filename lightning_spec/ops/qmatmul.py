@@ -9,6 +9,7 @@ from lightning_spec.quant.numerics import check_packed
 
 
 def check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size, bias) -> None:
+    """The compiled op's checks (csrc/qmatmul_checks.h), for its fake implementation and the reference."""
     if not isinstance(x, Tensor) or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() < 1:
         raise ValueError(f"x must be a float32 or bfloat16 tensor [..., K], got {getattr(x, 'dtype', type(x))}")
     if packed.device != x.device:
@@ -31,10 +32,10 @@ def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[
         packed, scales, zeros = quantize_weight(linear.weight, "int4", group_size=32)
         y = quantized_linear(x, packed, scales, zeros, scheme="int4", group_size=32, bias=linear.bias)
     """
-    check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size, bias)
     return torch.ops.lightning_spec.quantized_linear(x, packed, scales, zeros, scheme, group_size or 0, bias)
 
 
 @torch.library.register_fake("lightning_spec::quantized_linear")
 def _quantized_linear_fake(x, packed, scales, zeros, scheme, group_size, bias):
+    check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size or None, bias)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
