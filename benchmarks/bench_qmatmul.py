@@ -2,7 +2,8 @@
 
 Baselines: fp32 `F.linear` (the ratio the goals are set on), bf16 `F.linear`, `torch._weight_int8pack_mm` and
 `torch._weight_int4pack_mm_for_cpu` (group 32). Effective GB/s counts the packed weight bytes read once per call,
-beside a measured copy bandwidth (a 256 MiB tensor copy: bytes read + written). Median of many runs, ratios in one
+beside a measured copy bandwidth (a 256 MiB tensor copy: bytes read + written). Median of many runs (on the CPU, the
+median of 5 rounds in which the calls take turns), ratios in one
 run, on however many threads torch uses (2 on the build machine). With --device cuda: kernel times from CUDA graph
 replays (no Python or launch overhead), each call on its own copy of the operands, the copies together four times
 the L2 cache, so the weights stream from device memory as in a model's forward.
@@ -49,6 +50,16 @@ def median_us(fn, repeats: int, device: str = "cpu") -> float:
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
+
+
+def interleaved_us(calls: dict, repeats: int, rounds: int = 5) -> dict:
+    """Median over `rounds` rounds of each call's median_us, the calls taking turns in every round, so that a slow
+    spell of a shared machine lands on all of them rather than on whichever ran then."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(median_us(fn, repeats))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def cuda_graph_us(calls: list, repeats: int) -> float:
@@ -99,7 +110,8 @@ def main():
     args = parser.parse_args()
     dev = args.device
     where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads, kernels {torch.ops.lightning_spec.qmatmul_cpu_isa()}"
-    print(f"quantized_linear on {where}, copy bandwidth {copy_bandwidth_gbs(dev):.1f} GB/s, median of {args.repeats}")
+    timing = f"median of {args.repeats}" + (", median of 5 interleaved rounds" if dev == "cpu" else "")
+    print(f"quantized_linear on {where}, copy bandwidth {copy_bandwidth_gbs(dev):.1f} GB/s, {timing}")
     print(f"{'M':>3} {'N x K':>12} {'fp32 us':>9} {'bf16 us':>9} {'int8 us':>9} {'int4 us':>9} "
           f"{'int8/fp32':>10} {'int4/fp32':>10} {'int8/bf16':>10} {'int4/bf16':>10} {'int8/torch':>11} {'int4/torch':>11} {'int8 GB/s':>10} {'int4 GB/s':>10}")
     torch.manual_seed(0)
@@ -126,12 +138,12 @@ def main():
                 del ws, wbs, q8, q4
             else:
                 wb, xb = w.bfloat16(), x.bfloat16()
-                t = {
-                    "fp32": median_us(lambda: F.linear(x, w), args.repeats),
-                    "bf16": median_us(lambda: F.linear(xb, wb), args.repeats),
-                    "int8": median_us(lambda: quantized_linear(x, p8, s8, scheme="int8"), args.repeats),
-                    "int4": median_us(lambda: quantized_linear(x, p4, s4, scheme="int4", group_size=32), args.repeats),
-                }
+                t = interleaved_us({
+                    "fp32": lambda: F.linear(x, w),
+                    "bf16": lambda: F.linear(xb, wb),
+                    "int8": lambda: quantized_linear(x, p8, s8, scheme="int8"),
+                    "int4": lambda: quantized_linear(x, p4, s4, scheme="int4", group_size=32),
+                }, args.repeats)
             versus_torch = "            -           -"
             if dev == "cpu":  # torch's packed int8/int4 CPU ops
                 tp4, tsz = torch_int4_operands(w, 32)

@@ -3,7 +3,8 @@
 // Small M (decode and verification batches, M <= kStreamRows): the weight is streamed once; each tile of NR
 // output channels x MR rows keeps NR*MR accumulators, and each weight chunk is widened once for all MR rows.
 // at::parallel_for splits the output channels. Large M is compute-bound: dequantize once and let ATen's GEMM run.
-// Paths, chosen at run time (cpu_isa.h): AVX-512 (VNNI for w8a8's int16 dot), AVX2+FMA, plain C++.
+// Paths, chosen at run time (cpu_isa.h): AVX-512 (VNNI for w8a8's int16 dot, and for int4 at M <= 2 with x in
+// fixed point), AVX2+FMA, plain C++.
 #include "qmatmul.h"
 
 #include <ATen/Parallel.h>
@@ -14,18 +15,31 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace lightning_spec {
 namespace {
 
 constexpr int64_t kStreamRows = 16;
+// int4 on VNNI up to this many rows: beyond, one table decode per chunk serves enough rows' FMAs to be cheaper.
+constexpr int kFixedPointRows = 2;
+
+// int4 on VNNI (below): one row's 128 inputs (four 32-input chunks) in 22-bit fixed point, laid out like the
+// packed weight's 64 bytes for those inputs.
+struct FixedPointBlock {
+  int8_t lo[3][64];  // limbs of the inputs under the low nibbles: byte 16q + j holds chunk q's input j
+  int8_t hi[3][64];  // ... under the high nibbles: chunk q's input 16 + j
+  int32_t sum[16];   // per int32 lane (the 8 inputs its 4 bytes hold in lo and hi): the sum of their integers
+  float unit[16];    // per lane: the fixed-point unit of its chunk
+};
 
 struct Problem {
   const float* x;      // [M, K] fp32
   const int16_t* xq;   // w8a8: [M, K] activation codes
   const float* xs;     // w8a8: [M] activation scales
   const float* xsum;   // int4 on AVX2: [M, K / group] group sums of x
+  const FixedPointBlock* xfixed;  // int4 on VNNI: [M, ceil(K / 128)] blocks of x
   const void* w;       // packed
   const float* scales;
   const uint8_t* zeros;
@@ -136,6 +150,181 @@ LS_AVX512 void int4_tile(const Problem& p, int64_t n, int64_t m) {
         const __m512 wlo = _mm512_permutexvar_ps(bytes, table[i]);
         const __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table[i]);
         for (int r = 0; r < MR; ++r) acc[i][r] = _mm512_fmadd_ps(xhi[r], whi, _mm512_fmadd_ps(xlo[r], wlo, acc[i][r]));
+      }
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r) p.y[(m + r) * p.N + n + i] = hsum(acc[i][r]);
+}
+
+// int4 on VNNI: x in 22-bit block fixed point, so that vpdpbusd multiplies 64 weight nibbles (u8) by 64 limbs of x
+// (s8) per instruction, exactly, into int32 lane sums, where the table path above spends a lookup and an FMA per 16
+// weights. Each 32-input chunk of a row gets a power-of-two unit 2^(e - 22), |x| < 2^e over the chunk, so every input
+// becomes an integer of at most 22 bits, three balanced int8 limbs (l0 + 256 l1 + 65536 l2). An input is off by at
+// most half a unit, 2^-23 of its chunk's largest |x|: about float32's own rounding of the chunk's dot product. The
+// lane sums (|.| < 2^29) stay exact until they turn float, times the chunk's unit and the group's scale. Rows with
+// an inf or NaN take the table path.
+
+LS_AVX512 inline void store_limbs(__m512i v, int8_t (*limbs)[64], int q) {
+  for (int i = 0; i < 3; ++i) {
+    const __m512i limb = _mm512_sub_epi32(
+        _mm512_and_si512(_mm512_add_epi32(v, _mm512_set1_epi32(128)), _mm512_set1_epi32(255)), _mm512_set1_epi32(128));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(limbs[i] + 16 * q), _mm512_cvtepi32_epi8(limb));
+    v = _mm512_srai_epi32(_mm512_sub_epi32(v, limb), 8);
+  }
+}
+
+// One row of x [K] as ceil(K / 128) blocks; false if it holds an inf or NaN. A last block of two chunks repeats
+// them in its upper half, for the tiles that read two channels' last 32 bytes at once; of one or three, it is
+// zero-padded.
+LS_AVX512 bool to_fixed_point(const float* x, int64_t K, FixedPointBlock* blocks) {
+  const int64_t chunks = K / 32;
+  if (chunks % 4) std::memset(&blocks[chunks / 4], 0, sizeof(FixedPointBlock));
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m512 a = _mm512_loadu_ps(x + 32 * c), b = _mm512_loadu_ps(x + 32 * c + 16);
+    if (_mm512_cmp_ps_mask(_mm512_sub_ps(a, a), _mm512_sub_ps(b, b), _CMP_UNORD_Q)) return false;
+    int e;
+    std::frexp(_mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))), &e);
+    const __m512 to_units = _mm512_set1_ps(float(22 - e));  // scalef: exact, with no 2^(22 - e) to overflow
+    const __m512i ma = _mm512_cvtps_epi32(_mm512_scalef_ps(a, to_units));
+    const __m512i mb = _mm512_cvtps_epi32(_mm512_scalef_ps(b, to_units));
+    FixedPointBlock& block = blocks[c / 4];
+    const int q = int(c % 4);
+    store_limbs(ma, block.lo, q);
+    store_limbs(mb, block.hi, q);
+    alignas(64) int32_t both[16];
+    _mm512_store_si512(both, _mm512_add_epi32(ma, mb));
+    for (int l = 0; l < 4; ++l) {
+      block.sum[4 * q + l] = both[4 * l] + both[4 * l + 1] + both[4 * l + 2] + both[4 * l + 3];
+      block.unit[4 * q + l] = std::ldexp(1.f, e - 22);
+    }
+  }
+  if (chunks % 4 == 2) {
+    FixedPointBlock& last = blocks[chunks / 4];
+    for (int i = 0; i < 3; ++i) {
+      std::memcpy(last.lo[i] + 32, last.lo[i], 32);
+      std::memcpy(last.hi[i] + 32, last.hi[i], 32);
+    }
+    std::memcpy(last.sum + 8, last.sum, 8 * sizeof(int32_t));
+    std::memcpy(last.unit + 8, last.unit, 8 * sizeof(float));
+  }
+  return true;
+}
+
+struct XBlock {  // one row's block in registers
+  __m512i lo[3], hi[3], sum;
+  __m512 unit;
+};
+
+LS_AVX512 inline XBlock load_block(const FixedPointBlock& b) {
+  XBlock x;
+  for (int j = 0; j < 3; ++j) {
+    x.lo[j] = _mm512_loadu_si512(b.lo[j]);
+    x.hi[j] = _mm512_loadu_si512(b.hi[j]);
+  }
+  x.sum = _mm512_loadu_si512(b.sum);
+  x.unit = _mm512_loadu_ps(b.unit);
+  return x;
+}
+
+// sum(q * x) - z * sum(x) per lane, in units, for the codes q of 64 packed bytes.
+template <bool kAsym>
+LS_AVX512_VNNI inline __m512 block_dot(__m512i packed, __m512i zero, const XBlock& x) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i lo = _mm512_and_si512(packed, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+  const __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                         kAsym ? _mm512_mullo_epi32(zero, x.sum) : _mm512_slli_epi32(x.sum, 3));
+  const __m512i l0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, x.lo[0]), hi, x.hi[0]);
+  const __m512i l1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x.lo[1]), hi, x.hi[1]);
+  const __m512i l2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x.lo[2]), hi, x.hi[2]);
+  return _mm512_cvtepi32_ps(
+      _mm512_add_epi32(l0, _mm512_add_epi32(_mm512_slli_epi32(l1, 8), _mm512_slli_epi32(l2, 16))));
+}
+
+// A block's scales (zero points) per lane from the 1-4 of its groups in v: lane l is chunk l / 4.
+template <int kShift>  // log2(group / 32)
+LS_AVX512 inline __m512 lanes_of(__m128 v) {
+  const __m512i group_of_lane = _mm512_srli_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), kShift);
+  return _mm512_permutexvar_ps(group_of_lane, _mm512_castps128_ps512(v));
+}
+template <int kShift>
+LS_AVX512 inline __m512i lanes_of(__m128i v) {
+  return _mm512_castps_si512(lanes_of<kShift>(_mm_castsi128_ps(_mm512_castsi512_si128(_mm512_cvtepu8_epi32(v)))));
+}
+
+// Tiles of NR channels x MR rows: full blocks, then the last 1-3 chunks; those of two channels at once (one load,
+// half each) when there are two, or each channel alone with masked loads.
+template <int NR, int MR, bool kAsym, int kShift>
+LS_AVX512_VNNI void int4_vnni_tile(const Problem& p, int64_t n, int64_t m) {
+  constexpr int kGroupsPerBlock = 4 >> kShift;
+  const int64_t groups = p.K / p.group, chunks = p.K / 32, full = chunks / 4, blocks = (chunks + 3) / 4;
+  const int live = int(chunks % 4);
+  const uint8_t* w[NR];
+  const float* s[NR];
+  const uint8_t* z[NR];
+  for (int i = 0; i < NR; ++i) {
+    w[i] = static_cast<const uint8_t*>(p.w) + (n + i) * (p.K / 2);
+    s[i] = p.scales + (n + i) * groups;
+    z[i] = kAsym ? p.zeros + (n + i) * groups : nullptr;
+  }
+  const FixedPointBlock* xb[MR];
+  for (int r = 0; r < MR; ++r) xb[r] = p.xfixed + (m + r) * blocks;
+  __m512 acc[NR][MR];
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MR; ++r) acc[i][r] = _mm512_setzero_ps();
+
+  for (int64_t b = 0; b < full; ++b) {
+    XBlock x[MR];
+    for (int r = 0; r < MR; ++r) x[r] = load_block(xb[r][b]);
+    for (int i = 0; i < NR; ++i) {
+      const int64_t g = kGroupsPerBlock * b;
+      const __m512i packed = _mm512_loadu_si512(w[i] + 64 * b);
+      const __m512 scale = lanes_of<kShift>(kShift == 0 ? _mm_loadu_ps(s[i] + g)
+                                            : kShift == 1 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s[i] + g)))
+                                                          : _mm_load_ss(s[i] + g));
+      __m512i zero = _mm512_setzero_si512();
+      if (kAsym) {
+        int32_t bytes = 0;
+        std::memcpy(&bytes, z[i] + g, kGroupsPerBlock);
+        zero = lanes_of<kShift>(_mm_cvtsi32_si128(bytes));
+      }
+      for (int r = 0; r < MR; ++r)
+        acc[i][r] = _mm512_fmadd_ps(block_dot<kAsym>(packed, zero, x[r]), _mm512_mul_ps(scale, x[r].unit), acc[i][r]);
+    }
+  }
+  if (live) {
+    const int64_t g = kGroupsPerBlock * full;
+    const int tail_groups = (live + (1 << kShift) - 1) >> kShift;
+    const __mmask16 group_mask = __mmask16((1u << tail_groups) - 1);
+    XBlock x[MR];
+    for (int r = 0; r < MR; ++r) x[r] = load_block(xb[r][full]);
+    if (live == 2 && NR % 2 == 0) {
+      // Channels i and i + 1 in the lower and upper halves (the x block repeats its two chunks there).
+      for (int i = 0; i < NR; i += 2) {
+        const __m512i packed = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + 64 * full))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i + 1] + 64 * full)), 1);
+        const __mmask8 upper = __mmask8(group_mask << tail_groups);
+        const __m512 scale = lanes_of<kShift>(
+            _mm_mask_loadu_ps(_mm_maskz_loadu_ps(group_mask, s[i] + g), upper, s[i + 1] + g - tail_groups));
+        __m512i zero = _mm512_setzero_si512();
+        if (kAsym)
+          zero = lanes_of<kShift>(_mm_mask_loadu_epi8(_mm_maskz_loadu_epi8(group_mask, z[i] + g), upper,
+                                                      z[i + 1] + g - tail_groups));
+        for (int r = 0; r < MR; ++r) {
+          const __m512 part = _mm512_mul_ps(block_dot<kAsym>(packed, zero, x[r]), _mm512_mul_ps(scale, x[r].unit));
+          acc[i][r] = _mm512_mask_add_ps(acc[i][r], 0x00FF, acc[i][r], part);
+          acc[i + 1][r] = _mm512_mask_add_ps(acc[i + 1][r], 0xFF00, acc[i + 1][r], part);
+        }
+      }
+    } else {
+      const __mmask64 bytes = (__mmask64{1} << (16 * live)) - 1;
+      for (int i = 0; i < NR; ++i) {
+        const __m512i packed = _mm512_maskz_loadu_epi8(bytes, w[i] + 64 * full);
+        const __m512 scale = lanes_of<kShift>(_mm_maskz_loadu_ps(group_mask, s[i] + g));
+        const __m512i zero = kAsym ? lanes_of<kShift>(_mm_maskz_loadu_epi8(group_mask, z[i] + g)) : _mm512_setzero_si512();
+        for (int r = 0; r < MR; ++r)
+          acc[i][r] = _mm512_fmadd_ps(block_dot<kAsym>(packed, zero, x[r]), _mm512_mul_ps(scale, x[r].unit), acc[i][r]);
       }
     }
   }
@@ -285,6 +474,16 @@ void run_tile(const Problem& p, Scheme scheme, Isa isa, int64_t n, int64_t m) {
       case Scheme::kW8A8: return w8a8_tile_avx2<NR, MR>(p, n, m);
     }
   }
+  if constexpr (MR <= kFixedPointRows) {
+    if (p.xfixed) {
+      const bool asym = scheme == Scheme::kInt4Asym;
+      switch (p.group) {
+        case 32: return asym ? int4_vnni_tile<NR, MR, true, 0>(p, n, m) : int4_vnni_tile<NR, MR, false, 0>(p, n, m);
+        case 64: return asym ? int4_vnni_tile<NR, MR, true, 1>(p, n, m) : int4_vnni_tile<NR, MR, false, 1>(p, n, m);
+        default: return asym ? int4_vnni_tile<NR, MR, true, 2>(p, n, m) : int4_vnni_tile<NR, MR, false, 2>(p, n, m);
+      }
+    }
+  }
   switch (scheme) {
     case Scheme::kInt8: return int8_tile<NR, MR>(p, n, m);
     case Scheme::kInt4: return p.group == 32 ? int4_tile<NR, MR, false, 1>(p, n, m) : int4_tile<NR, MR, false, 0>(p, n, m);
@@ -371,7 +570,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const auto w = packed.contiguous();
   const auto s = scales.contiguous();
   const auto z = zeros ? zeros->contiguous() : at::Tensor();
-  Problem p{x_float.data_ptr<float>(), nullptr, nullptr, nullptr, w.data_ptr(), s.data_ptr<float>(),
+  Problem p{x_float.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, w.data_ptr(), s.data_ptr<float>(),
             z.defined() ? z.data_ptr<uint8_t>() : nullptr, nullptr, M, N, K, grouped ? group_size : K};
 
   at::Tensor xq16, xs;
@@ -393,6 +592,16 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
     for (int64_t i = 0; i < M * K; ++i) xsum[i / group_size] += p.x[i];
     p.xsum = xsum.data();
   }
+#ifdef LS_X86
+  std::unique_ptr<FixedPointBlock[]> xfixed;  // uninitialized: to_fixed_point writes every byte the kernel reads
+  if (stream && grouped && isa == Isa::kAvx512Vnni && M <= kFixedPointRows) {
+    const int64_t blocks = (K / 32 + 3) / 4;
+    xfixed.reset(new FixedPointBlock[M * blocks]);
+    bool finite = true;
+    for (int64_t m = 0; m < M && finite; ++m) finite = to_fixed_point(p.x + m * K, K, &xfixed[m * blocks]);
+    if (finite) p.xfixed = xfixed.get();
+  }
+#endif
 
   at::Tensor y;
   if (!stream) {

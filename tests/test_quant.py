@@ -78,6 +78,56 @@ def test_big_vocabulary_head_odd_sizes_views_and_bf16(isa, scheme, group):
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int4_asym"])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_every_tail_and_tile(isa, scheme, group):
+    """K with 0-3 chunks past its last 128 inputs (two: two channels' tails share a vector on VNNI), channel counts
+    that leave single-channel tiles, and M on both sides of the VNNI path's row limit."""
+    g = torch.Generator().manual_seed(group)
+    for K in [k for k in (32, 64, 96, 128, 160, 576, 608, 1536) if k % group == 0]:
+        for N, M in [(1, 1), (6, 1), (9, 2), (13, 3), (8, 5)]:
+            w, x = torch.randn(N, K, generator=g) * 0.05, torch.randn(M, K, generator=g)
+            x[:, 0] *= 30  # an outlier input, as in LLM activations
+            packed, scales, zeros = quantize_weight(w, scheme, group)
+            close(quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group),
+                  reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group), K)
+
+
+def test_int4_fixed_point_error_is_bounded():
+    """On VNNI, int4 at M <= 2 reads x in 22-bit block fixed point: each input off by at most half a unit,
+    2^(e - 23) with |x| < 2^e over its 32-input chunk; the result within that (and float32 rounding) of float64."""
+    if torch.ops.lightning_spec.qmatmul_cpu_isa() != "avx512_vnni":
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    g = torch.Generator().manual_seed(0)
+    K, N = 576, 1536
+    w = torch.randn(N, K, generator=g) * 0.05
+    x = torch.randn(2, K, generator=g) * torch.logspace(-3, 3, K)[torch.randperm(K, generator=g)]  # wide range
+    packed, scales, zeros = quantize_weight(w, "int4", 32)
+    weight = dequantize_weight(packed, scales, zeros, scheme="int4", group_size=32).double()
+    exponent = torch.frexp(x.abs().reshape(2, -1, 32).amax(-1))[1].double()
+    half_unit = torch.exp2(exponent - 23).repeat_interleave(32, dim=1)
+    bound = half_unit @ weight.abs().T + 1e-6 * x.double().abs() @ weight.abs().T
+    error = (quantized_linear(x, packed, scales, scheme="int4", group_size=32).double() - x.double() @ weight.T).abs()
+    assert (error <= bound).all()
+    assert error.max() > 0  # it is not the float path
+
+
+def test_int4_non_finite_x_is_not_hidden(isa):
+    """A row with inf or NaN cannot be fixed point: it takes the float path, and what is not finite in float64 is
+    not finite here either (AVX2's zero-point correction may turn an inf into NaN)."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 256, generator=g), torch.randn(2, 256, generator=g)
+    x[0, 7] = float("inf")
+    for scheme in ("int4", "int4_asym"):
+        packed, scales, zeros = quantize_weight(w, scheme, 32)
+        got = quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=32)
+        want = reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=32)
+        assert torch.equal(got.isfinite(), want.isfinite()) and not got[0].isfinite().any()
+        torch.testing.assert_close(got[1], want[1], rtol=2e-4, atol=2e-5 * 16)
+    x[1, 3] = float("nan")
+    assert quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=32)[1].isnan().all()
+
+
 @pytest.mark.parametrize("scheme,group", SCHEMES)
 def test_quantized_linear_module(tmp_path, scheme, group):
     linear = torch.nn.Linear(128, 40)
