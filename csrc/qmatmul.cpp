@@ -493,8 +493,7 @@ void run_tile(const Problem& p, Scheme scheme, Isa isa, int64_t n, int64_t m) {
 }
 
 template <int NR>
-void run_rows(const Problem& p, Scheme scheme, Isa isa, int64_t n) {
-  int64_t m = 0;
+void run_rows(const Problem& p, Scheme scheme, Isa isa, int64_t n, int64_t m = 0) {
   for (; m + 4 <= p.M; m += 4) run_tile<NR, 4>(p, scheme, isa, n, m);
   switch (p.M - m) {
     case 3: return run_tile<NR, 3>(p, scheme, isa, n, m);
@@ -505,8 +504,16 @@ void run_rows(const Problem& p, Scheme scheme, Isa isa, int64_t n) {
 }
 
 void simd_rows(const Problem& p, Scheme scheme, Isa isa, int64_t n0, int64_t n1) {
+  // int8 with 8+ rows of a short x (8 rows in L1): tiles of 2 channels x 8 rows widen each weight once for 8 rows.
+  const int64_t rows8 = scheme == Scheme::kInt8 && isa != Isa::kAvx2 && p.K <= 1024 ? p.M / 8 * 8 : 0;
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) run_rows<4>(p, scheme, isa, n);
+  for (; n + 4 <= n1; n += 4) {
+    for (int64_t m = 0; m < rows8; m += 8) {
+      int8_tile<2, 8>(p, n, m);
+      int8_tile<2, 8>(p, n + 2, m);
+    }
+    run_rows<4>(p, scheme, isa, n, rows8);
+  }
   for (; n < n1; ++n) run_rows<1>(p, scheme, isa, n);
 }
 

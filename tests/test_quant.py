@@ -93,6 +93,16 @@ def test_int4_every_tail_and_tile(isa, scheme, group):
                   reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group), K)
 
 
+def test_int8_eight_row_tiles(isa):
+    """int8 with 8+ rows of a short x takes 2 x 8 tiles, the rows past a multiple of 8 and odd channels the usual ones."""
+    g = torch.Generator().manual_seed(8)
+    for M in (8, 11, 16):
+        w, x = torch.randn(6, 576, generator=g) * 0.05, torch.randn(M, 576, generator=g)
+        packed, scales, _ = quantize_weight(w, "int8")
+        close(quantized_linear(x, packed, scales, scheme="int8"),
+              reference.quantized_linear(x, packed, scales, scheme="int8"), 576)
+
+
 def test_int4_fixed_point_error_is_bounded():
     """On VNNI, int4 at M <= 2 reads x in 22-bit block fixed point: each input off by at most half a unit,
     2^(e - 23) with |x| < 2^e over its 32-input chunk; the result within that (and float32 rounding) of float64."""
