@@ -156,7 +156,7 @@ def main():
                   f"{t['fp32'] / t['int8']:>9.2f}x {t['fp32'] / t['int4']:>9.2f}x {t['bf16'] / t['int8']:>9.2f}x {t['bf16'] / t['int4']:>9.2f}x "
                   f"{versus_torch} {bytes8 / t['int8'] / 1e3:>10.1f} {bytes4 / t['int4'] / 1e3:>10.1f}")
     print("goals at M=1: int8 >= 2.5x and int4 >= 4x fp32; both >= 5x torch's int8/int4 ops; at M=8: not slower than bf16")
-    if dev == "cpu" and Path(args.draft).is_dir():
+    if dev == "cpu" and args.draft and Path(args.draft).is_dir():
         end_to_end(args.draft, args.repeats, args.compile)
 
 
