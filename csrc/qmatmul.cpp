@@ -592,12 +592,14 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   }
 
   const bool stream = M > 0 && M <= kStreamRows;
-  const Isa isa = select_isa();
+  Isa isa = select_isa();
   std::vector<float> xsum;
   if (stream && grouped && isa == Isa::kAvx2) {
     xsum.assign(M * (K / group_size), 0.f);
     for (int64_t i = 0; i < M * K; ++i) xsum[i / group_size] += p.x[i];
     p.xsum = xsum.data();
+    // Its zero-point correction would turn an inf in x into inf - inf: plain C++ keeps float64's infs.
+    if (!std::all_of(xsum.begin(), xsum.end(), [](float v) { return std::isfinite(v); })) isa = Isa::kGeneric;
   }
 #ifdef LS_X86
   std::unique_ptr<FixedPointBlock[]> xfixed;  // uninitialized: to_fixed_point writes every byte the kernel reads
