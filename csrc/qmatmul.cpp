@@ -161,9 +161,9 @@ LS_AVX512 void int4_tile(const Problem& p, int64_t n, int64_t m) {
 // (s8) per instruction, exactly, into int32 lane sums, where the table path above spends a lookup and an FMA per 16
 // weights. Each 32-input chunk of a row gets a power-of-two unit 2^(e - 22), |x| < 2^e over the chunk, so every input
 // becomes an integer of at most 22 bits, three balanced int8 limbs (l0 + 256 l1 + 65536 l2). An input is off by at
-// most half a unit, 2^-23 of its chunk's largest |x|: about float32's own rounding of the chunk's dot product. The
-// lane sums (|.| < 2^29) stay exact until they turn float, times the chunk's unit and the group's scale. Rows with
-// an inf or NaN take the table path.
+// most half a unit, 2^(e - 23), under 2^-22 of its chunk's largest |x|: about float32's own rounding of the chunk's
+// dot product. The lane sums (|.| < 2^29) stay exact until they turn float, times the chunk's unit and the group's
+// scale. Rows with an inf or NaN take the table path.
 
 LS_AVX512 inline void store_limbs(__m512i v, int8_t (*limbs)[64], int q) {
   for (int i = 0; i < 3; ++i) {

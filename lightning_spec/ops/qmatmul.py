@@ -26,7 +26,7 @@ def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[
 
     "w8a8" also quantizes x per token (int8 codes, int32 accumulation). Compiled kernels stream the packed
     weight for small batches (decode, verification) and dequantize once for large ones. On AVX-512 VNNI, int4 with
-    one or two rows reads x in 22-bit block fixed point (each input within 2^-23 of its 32-input chunk's largest
+    one or two rows reads x in 22-bit block fixed point (each input within 2^-22 of its 32-input chunk's largest
     |x|, about float32's own rounding), to multiply nibbles with VNNI's exact int8 dot products.
 
     Example::
