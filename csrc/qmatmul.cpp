@@ -274,10 +274,10 @@ LS_AVX512_VNNI void int4_vnni_tile(const Problem& p, int64_t n, int64_t m) {
     for (int r = 0; r < MR; ++r) acc[i][r] = _mm512_setzero_ps();
 
   for (int64_t b = 0; b < full; ++b) {
+    const int64_t g = kGroupsPerBlock * b;
     XBlock x[MR];
     for (int r = 0; r < MR; ++r) x[r] = load_block(xb[r][b]);
     for (int i = 0; i < NR; ++i) {
-      const int64_t g = kGroupsPerBlock * b;
       const __m512i packed = _mm512_loadu_si512(w[i] + 64 * b);
       const __m512 scale = lanes_of<kShift>(kShift == 0 ? _mm_loadu_ps(s[i] + g)
                                             : kShift == 1 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s[i] + g)))
