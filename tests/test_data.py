@@ -1,3 +1,4 @@
+import copy
 import re
 
 import pytest
@@ -314,6 +315,30 @@ def test_generated_split_records_its_teacher(tmp_path, write_jsonl, tokenizer, t
         assert max(len(ids) for ids in train["input_ids"]) == longest + room
 
 
+def test_samples_per_prompt_in_gen_dtype(tmp_path, write_jsonl, tokenizer, tiny_target):
+    """Each training prompt gets its own samples (validation one), drawn by a bf16 copy of the target whose
+    top-k is the recorded teacher; the target itself stays as it was."""
+    records = [{"prompt": f"Question {i}?"} for i in range(6)]
+    dm = DistillDataModule(
+        train_files=write_jsonl(records), source="target", val_size=2, max_new_tokens=4, gen_temperature=1.0,
+        samples_per_prompt=3, gen_dtype="bfloat16", teacher_topk=3, cache_dir=str(tmp_path), tokenizer=tokenizer, target=tiny_target,
+    )
+    dm.setup("fit")
+    train = dm.splits["train"]
+    assert (len(train), len(dm.splits["val"]), dm.stats["train_dropped"]) == (12, 2, 0)
+    assert next(tiny_target.parameters()).dtype == torch.float32
+    prompts = {}
+    for ids, mask in zip(train["input_ids"], train["loss_mask"]):
+        n = mask.index(1)
+        prompts.setdefault(tuple(ids[:n]), set()).add(tuple(ids[n:]))
+    assert len(prompts) == 4 and sum(len(responses) for responses in prompts.values()) > 4  # distinct samples
+    sampler = copy.deepcopy(tiny_target).to(torch.bfloat16)
+    ids, mask = torch.tensor(train["input_ids"][0]), torch.tensor(train["loss_mask"][0], dtype=torch.bool)
+    with torch.no_grad():
+        top = torch.log_softmax(sampler(ids[None]).logits[0, :-1][mask[1:]].float(), -1).topk(3, -1)
+    torch.testing.assert_close(torch.tensor(train["teacher_logprobs"][0]), top.values, rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("source", ["fixed", "target"])
 def test_overlong_policies(tmp_path, write_jsonl, tokenizer, tiny_target, source):
     records = [{"prompt": f"Short {i}?", "response": "Yes."} for i in range(5)]
@@ -342,6 +367,8 @@ def test_overlong_policies(tmp_path, write_jsonl, tokenizer, tiny_target, source
         (dict(max_length=0), "max_length"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(gen_batch_size=0), "gen_batch_size"),
+        (dict(samples_per_prompt=0), "samples_per_prompt"),
+        (dict(gen_dtype="int8"), "gen_dtype"),
         (dict(teacher_topk=0), "teacher_topk"),
         (dict(val_size=0), "val_size"),
     ],
