@@ -107,6 +107,22 @@ def test_rollback_survives_compaction(pair, monkeypatch):
     assert torch.equal(out.tokens, hf_greedy(target, ids, mask, 120))
 
 
+def test_kept_logits_read_contiguous_hidden_states(pair):
+    """A prefill's last-position logits come from a contiguous copy of the hidden states: a strided slice sends
+    CPU bf16 matmul down a path that broadcasts the head per row (8 GB at batch 160 on SmolLM2)."""
+    target = copy.deepcopy(pair[0]).to(torch.bfloat16)
+    seen = []
+    target.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    ids, mask = ragged_prompts()
+    q = ids.shape[1]
+    see = torch.ones(q, q, dtype=torch.bool).tril()
+    positions = torch.arange(q).expand_as(ids)
+    last = CachedLM(target, ids.shape[0], ids.device).forward(ids, positions, see, logits_to_keep=1)
+    every = CachedLM(target, ids.shape[0], ids.device).forward(ids, positions, see)
+    assert seen == [True, True] and last.shape == (ids.shape[0], 1, every.shape[-1])
+    torch.testing.assert_close(last[:, 0], every[:, -1])
+
+
 # ---------------------------------------------------------------- lossless sampling
 
 def exact_first_three(target, prompt, V, temperature, top_p):
