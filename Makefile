@@ -29,6 +29,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_sft.py
 	$(BIN)/python benchmarks/bench_verify.py
 	$(BIN)/python benchmarks/bench_sampling.py
+	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_small_batch.py
 	$(BIN)/python benchmarks/bench_fake_quant.py
 	test -d artifacts/smollm2_draft || $(MAKE) demo
