@@ -511,8 +511,8 @@ class DistillDataModule(TokenDataModule):
     ``source="target"`` samples responses to the prompts with the target (cached on disk as an Arrow
     dataset, reused next run): ``samples_per_prompt`` responses to each training prompt (one to each
     validation prompt), each an example of its own, sampled in ``gen_dtype`` if given (a copy of the target
-    in, e.g., ``"bfloat16"``: 2.4× the tokens/s of fp32 on a 2-core AVX-512 BF16 CPU, measured; the recorded
-    teacher is then that copy's). ``source="fixed"`` trains on the files' own responses or text.
+    in, e.g., ``"bfloat16"``: 2.1× fp32's tokens/s on a 2-core AVX-512 BF16 CPU, benchmarks/bench_generate.py;
+    the recorded teacher is then that copy's). ``source="fixed"`` trains on the files' own responses or text.
     ``teacher_topk=k`` precomputes the target's top-k log-probs for the training split (offline
     teacher): training then never runs the target. The target and tokenizer come from the module being
     trained (its ``target`` and ``tokenizer``) unless given here.
