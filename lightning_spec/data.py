@@ -551,6 +551,8 @@ class DistillDataModule(TokenDataModule):
         for name, value in (("max_new_tokens", max_new_tokens), ("gen_batch_size", gen_batch_size), ("samples_per_prompt", samples_per_prompt)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if samples_per_prompt != 1 and source != "target":
+            raise ValueError(f"samples_per_prompt={samples_per_prompt} needs source='target' (fixed data has its own responses)")
         if teacher_topk is not None and teacher_topk < 1:
             raise ValueError(f"teacher_topk must be >= 1 or None, got {teacher_topk}")
         super().__init__(train_files, val_files, val_size, max_length, overlong, batch_size, num_workers, seed, cache_dir, tokenizer)
@@ -595,11 +597,11 @@ class DistillDataModule(TokenDataModule):
             target = self.target
             device = self.trainer.strategy.root_device if self.trainer is not None else next(target.parameters()).device
             home = next(target.parameters()).device
-            sampler = target if self.gen_dtype is None else copy.deepcopy(target).to(DTYPES[self.gen_dtype])
+            sampler = target.to(device) if self.gen_dtype is None else copy.deepcopy(target).to(device, DTYPES[self.gen_dtype])
             teacher = dict(teacher_topk=self.teacher_topk, teacher_temperature=self._temperature) if self._recorded_teacher(name) else {}
-            generated = generate_responses(sampler.to(device), tok, prompts, seed=self.seed + (name == "val"),
+            generated = generate_responses(sampler, tok, prompts, seed=self.seed + (name == "val"),
                                            desc=f"target generates {name}", **teacher, **self.gen)
-            sampler.to(home)
+            target.to(home)
             examples = []
             for p, g in zip(prompts, generated):
                 r = g.pop("response")
@@ -618,7 +620,7 @@ class DistillDataModule(TokenDataModule):
         if not kept:
             raise ValueError(f"the {name} split has no sample with tokens to learn from")
         # also overlong prompts and empty responses (source='target')
-        wanted = len(raw) * (self._samples(name) if self.source == "target" else 1)
+        wanted = len(raw) * self._samples(name)
         return datasets.Dataset.from_list(kept), {f"{name}_dropped": wanted - len(kept)}
 
     def _samples(self, name: str) -> int:

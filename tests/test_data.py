@@ -368,6 +368,7 @@ def test_overlong_policies(tmp_path, write_jsonl, tokenizer, tiny_target, source
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(gen_batch_size=0), "gen_batch_size"),
         (dict(samples_per_prompt=0), "samples_per_prompt"),
+        (dict(source="fixed", samples_per_prompt=2), "samples_per_prompt=2 needs source='target'"),
         (dict(gen_dtype="int8"), "gen_dtype"),
         (dict(teacher_topk=0), "teacher_topk"),
         (dict(val_size=0), "val_size"),
