@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_spec.decoding import chain, speculative_generate, target_generate, topk_tree, warp
+from lightning_spec.decoding.engine import one_hot_argmax
 from lightning_spec.decoding.kv import CachedLM
 from lightning_spec.models import build_draft, load_causal_lm
 from lightning_spec.quant import quantize_model
@@ -66,6 +67,14 @@ def test_greedy_equals_the_targets_greedy(pair, shape):
     s = out.stats
     assert s.new_tokens == 3 * 40 and s.row_rounds >= s.target_calls and s.accepted <= s.drafted
     assert s.position_attempts[0] == s.row_rounds  # position 1 is verified every round
+
+
+def test_greedy_verification_reads_the_logits_argmax():
+    # logits 1e-8 apart have equal softmax probabilities in float32: the probabilities' argmax would be token 0,
+    # target_generate takes token 1
+    logits = torch.tensor([[[0.0, 1e-8, -1.0], [2.0, 2.0, 0.0]]])
+    assert torch.equal(warp(logits, 0.0, 1.0)[0, 0, 0], warp(logits, 0.0, 1.0)[0, 0, 1])
+    assert torch.equal(one_hot_argmax(logits), torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]]))
 
 
 @pytest.mark.parametrize("shape", sorted(TREES))
