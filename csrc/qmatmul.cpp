@@ -503,11 +503,21 @@ void run_rows(const Problem& p, Scheme scheme, Isa isa, int64_t n, int64_t m = 0
   }
 }
 
+// The packed weight this far ahead of the tile being computed is prefetched while it computes: with several rows
+// the FMAs between weight loads fill the out-of-order window and the hardware prefetcher falls behind.
+constexpr int64_t kPrefetchBytes = 8192;
+
 void simd_rows(const Problem& p, Scheme scheme, Isa isa, int64_t n0, int64_t n1) {
   // int8 with 8+ rows of a short x (8 rows in L1): tiles of 2 channels x 8 rows widen each weight once for 8 rows.
   const int64_t rows8 = scheme == Scheme::kInt8 && isa != Isa::kAvx2 && p.K <= 1024 ? p.M / 8 * 8 : 0;
+  const int64_t row_bytes = scheme == Scheme::kInt4 || scheme == Scheme::kInt4Asym ? p.K / 2 : p.K;
+  const char* weight = static_cast<const char*>(p.w);
+  const int64_t weight_end = p.N * row_bytes;
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
+    // the bytes kPrefetchBytes past this tile's 4 rows, a cache line at a time
+    for (int64_t b = n * row_bytes + kPrefetchBytes; b < std::min((n + 4) * row_bytes + kPrefetchBytes, weight_end); b += 64)
+      _mm_prefetch(weight + b, _MM_HINT_T0);
     for (int64_t m = 0; m < rows8; m += 8) {
       int8_tile<2, 8>(p, n, m);
       int8_tile<2, 8>(p, n + 2, m);
