@@ -179,10 +179,13 @@ class _Draft:
         """Fill the tree: returns candidates [B, N] (root excluded: column 0 left 0) and draft_probs or None."""
         lm, layout, B = self.lm, self.layout, self.pending.shape[0]
         device = self.pending.device
-        valid = self.pending_valid
+        pending, valid = self.pending, self.pending_valid
+        if not bool(valid[:, 0].any()):  # no row has an unfed leaf (its draft token was rejected): one token, not two
+            pending, valid = pending[:, 1:], valid[:, 1:]
+        q = pending.shape[1]
         positions = lm.length[:, None] + (valid.cumsum(1) - 1).clamp_min(0)
-        see = torch.ones(2, 2, dtype=torch.bool, device=device).tril() & valid[:, None, :] | torch.eye(2, dtype=torch.bool, device=device)
-        logits = {0: lm.forward(self.pending, positions, see, logits_to_keep=1)[:, 0]}
+        see = torch.ones(q, q, dtype=torch.bool, device=device).tril() & valid[:, None, :] | torch.eye(q, dtype=torch.bool, device=device)
+        logits = {0: lm.forward(pending, positions, see, logits_to_keep=1)[:, 0]}
         lm.commit(valid)
         calls = 1
         candidates = torch.zeros(B, layout.size, dtype=torch.long, device=device)
