@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_fake_quant.py
 	test -d artifacts/smollm2_draft || $(MAKE) demo
 	$(BIN)/python benchmarks/bench_speculative.py
+	$(BIN)/python benchmarks/bench_speculative.py --draft-scheme int8
 	$(BIN)/python benchmarks/bench_qat.py
 
 clean:

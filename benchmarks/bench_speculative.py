@@ -8,7 +8,7 @@ Leviathan et al.'s formula predicts from them, (1 - a^(g+1)) / ((1 - a)(g c + 1)
 Median over repeats; tokens/s include the prompt's prefill.
 
     make demo   # exports artifacts/smollm2_draft
-    python benchmarks/bench_speculative.py [--draft artifacts/smollm2_draft] [--gammas 1 2 4] [--tree 2 2 1]
+    python benchmarks/bench_speculative.py [--draft artifacts/smollm2_draft] [--gammas 1 2 3] [--tree 2 2 1]
         [--draft-scheme int8|int4] [--stock-linear]
 
 Both models run on SmallBatchLinear (use_small_batch_linear) in every run unless --stock-linear; --draft-scheme
@@ -76,7 +76,7 @@ def main():
     parser.add_argument("--draft", default="artifacts/smollm2_draft")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--tree", type=int, nargs="*", default=[2, 2, 1], help="top-k branching per depth; empty: no tree")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--draft-scheme", choices=["int8", "int4"], help="quantize the draft (head included) with quantize_model")
