@@ -182,9 +182,9 @@ class _Draft:
         pending, valid = self.pending, self.pending_valid
         if not bool(valid[:, 0].any()):  # no row has an unfed leaf (its draft token was rejected): one token, not two
             pending, valid = pending[:, 1:], valid[:, 1:]
-        q = pending.shape[1]
+        width = pending.shape[1]
         positions = lm.length[:, None] + (valid.cumsum(1) - 1).clamp_min(0)
-        see = torch.ones(q, q, dtype=torch.bool, device=device).tril() & valid[:, None, :] | torch.eye(q, dtype=torch.bool, device=device)
+        see = torch.ones(width, width, dtype=torch.bool, device=device).tril() & valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=device)
         logits = {0: lm.forward(pending, positions, see, logits_to_keep=1)[:, 0]}
         lm.commit(valid)
         calls = 1
