@@ -38,6 +38,10 @@ class DraftDistillationModule(LightningModule):
         train_embeddings: also train the embeddings and head; off keeps them as they are.
         fit_head_samples: before the first training step, give the draft an untied head fitted in closed form on
             this many training samples (the tuned lens of `lightning_spec.lens.fit_head`); 0 keeps the target's.
+        calibrate_head_samples: after the last training step (before ``on_fit_end``: FidelityReport and ExportHF
+            see the result), scale the draft's untied head by the factor in 0.80, 0.85, ..., 1.60 that maximizes α
+            against the teacher on this many training samples (the trained draft is too flat: +0.014 held-out α on
+            the demo, at 1.25); 0 leaves it. Greedy decoding is unchanged (the argmax does not move).
 
     Example::
 
@@ -55,6 +59,7 @@ class DraftDistillationModule(LightningModule):
         target_dtype: Optional[str] = None,
         train_embeddings: bool = False,
         fit_head_samples: int = 0,
+        calibrate_head_samples: int = 0,
         on_policy_fraction: float = 0.0,
         on_policy_max_new_tokens: int = 64,
         on_policy_temperature: float = 1.0,
@@ -71,8 +76,9 @@ class DraftDistillationModule(LightningModule):
             raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
         if not 0 <= on_policy_fraction <= 1:
             raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
-        if fit_head_samples < 0:
-            raise ValueError(f"fit_head_samples must be >= 0, got {fit_head_samples}")
+        for name, value in (("fit_head_samples", fit_head_samples), ("calibrate_head_samples", calibrate_head_samples)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         check_dtype("target_dtype", target_dtype)
         self.save_hyperparameters(ignore=["target", "draft", "optimizer", "lr_scheduler", "tokenizer"])
         if isinstance(target, (str,)) or hasattr(target, "__fspath__"):
@@ -87,7 +93,7 @@ class DraftDistillationModule(LightningModule):
         # Not a registered submodule: kept out of state_dict, checkpoints, DDP wrapping and .train().
         object.__setattr__(self, "target", target)
         self.draft = draft.train()
-        if fit_head_samples:
+        if fit_head_samples or calibrate_head_samples:
             untie_head(self.draft)  # here, not at fit start: a checkpoint's untied head must find its own parameter
         self._head_fitted = False
         self.draft.get_input_embeddings().requires_grad_(train_embeddings)
@@ -177,20 +183,51 @@ class DraftDistillationModule(LightningModule):
         if self.hparams.fit_head_samples and not self._head_fitted:
             self._fit_head()
 
-    def _fit_head(self):
-        """Fit the head on the first ``fit_head_samples`` records of the training set (in the dataset's order, so
-        every rank fits the same), batched and collated like training."""
+    def on_train_end(self):
+        if self.hparams.calibrate_head_samples:
+            self._calibrate_head()
+
+    def _first_training_samples(self, option: str) -> DataLoader:
+        """The first ``hparams[option]`` records of the training set (in the dataset's order, so every rank sees the
+        same), batched and collated like training."""
         loader = self.trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
         if not isinstance(loader, DataLoader) or not hasattr(dataset, "__len__"):
-            raise ValueError("fit_head_samples needs a training DataLoader over a sized (map-style) dataset")
-        count = min(self.hparams.fit_head_samples, len(dataset))
-        rank_zero_info(f"fitting the draft's head on {count} training samples")
-        samples = DataLoader(Subset(dataset, range(count)), batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+            raise ValueError(f"{option} needs a training DataLoader over a sized (map-style) dataset")
+        count = min(self.hparams[option], len(dataset))
+        return DataLoader(Subset(dataset, range(count)), batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+
+    def _fit_head(self):
+        samples = self._first_training_samples("fit_head_samples")
+        rank_zero_info(f"fitting the draft's head on {len(samples.dataset)} training samples")
         fit_head(self.draft, self.target, samples)
         head = self.draft.get_output_embeddings().weight
         head.data.copy_(self.trainer.strategy.broadcast(head.data, src=0))
         self._head_fitted = True
+
+    @torch.no_grad()
+    def _calibrate_head(self):
+        """Scale the head by the grid factor with the highest α against the teacher (offline top-k or the target)
+        on the first ``calibrate_head_samples`` training records, in float32."""
+        scales = [round(0.8 + 0.05 * i, 2) for i in range(17)]
+        alpha, count = torch.zeros(len(scales), dtype=torch.float64), 0
+        was_training = self.draft.training
+        self.draft.eval()
+        for batch in self._first_training_samples("calibrate_head_samples"):
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            ids, attn = batch["input_ids"], batch["attention_mask"]
+            select = batch["loss_mask"][:, 1:] & attn[:, 1:].bool()
+            logits = next_token_logits(self.draft, ids, attn, select).float()
+            teacher = self._teacher(batch, ids, attn, select)
+            for i, scale in enumerate(scales):
+                alpha[i] += float(fidelity_sums(logits * scale, teacher)[0])
+            count += int(select.sum())
+        self.draft.train(was_training)
+        if not count:
+            raise ValueError("calibrate_head_samples: the samples have no loss positions")
+        best = scales[int(alpha.argmax())]
+        self.draft.get_output_embeddings().weight.mul_(best)
+        rank_zero_info(f"scaled the draft's head by {best} (α on {count} training positions {alpha[scales.index(1.0)] / count:.3f} -> {alpha.max() / count:.3f})")
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["draft_head_fitted"] = self._head_fitted

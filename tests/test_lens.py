@@ -1,6 +1,6 @@
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_target
@@ -140,6 +140,25 @@ def test_module_fits_the_head_once_before_training(make_module, make_trainer, qa
     torch.testing.assert_close(resumed.draft.get_output_embeddings().weight, calls[1], rtol=0, atol=0)
 
 
-def test_module_rejects_negative_samples(make_module):
-    with pytest.raises(ValueError, match="fit_head_samples"):
-        make_module(fit_head_samples=-1)
+@pytest.mark.parametrize("option", ["fit_head_samples", "calibrate_head_samples"])
+def test_module_rejects_negative_samples(make_module, option):
+    with pytest.raises(ValueError, match=option):
+        make_module(**{option: -1})
+
+
+def test_calibration_undoes_a_flattened_head(make_module, make_trainer, qa_datamodule, tiny_target):
+    # the target as its own draft, its head scaled by 0.8: alpha is 1 only at the grid's 1.25, which calibration
+    # must pick after training (lr 0: the draft is still that) and before on_fit_end
+    draft = make_tiny_target().requires_grad_(True)
+    draft.load_state_dict(tiny_target.state_dict())
+    untie_head(draft)
+    draft.get_output_embeddings().weight.data.mul_(0.8)
+    seen = []
+
+    class AtFitEnd(Callback):
+        def on_fit_end(self, trainer, pl_module):
+            seen.append(pl_module.draft.get_output_embeddings().weight.detach().clone())
+
+    module = make_module(draft=draft, calibrate_head_samples=6, optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    make_trainer(max_steps=1, callbacks=[AtFitEnd()]).fit(module, datamodule=qa_datamodule())
+    torch.testing.assert_close(seen[0], tiny_target.get_output_embeddings().weight)
