@@ -27,23 +27,25 @@ struct Group {
   float* zero;
 };
 
-// Exactly numerics.weight_qparams / quantize_activation: float32 arithmetic in the same order (no FMA contraction).
-template <bool kAsym>
-void observe_group(const Group& g, const FakeQuantParams& p) {
-  if (kAsym) {
-    float lo = 0.f, hi = 0.f;  // amin clamped to <= 0, amax clamped to >= 0
-    for (int64_t j = 0; j < p.group; ++j) {
-      lo = std::min(lo, g.x[j]);
-      hi = std::max(hi, g.x[j]);
-    }
-    const float s = std::max((hi - lo) / 15.f, kTinyScale);
+// Exactly numerics.weight_qparams from a group's min (clamped to <= 0) and max (clamped to >= 0): float32
+// arithmetic in the same order (no FMA contraction).
+void set_qparams(const Group& g, const FakeQuantParams& p, float lo, float hi) {
+  if (p.asym) {
+    const float s = exact_scale(std::max((hi - lo) / 15.f, kTinyScale), p.spare_bits);
     *g.scale = s;
     *g.zero = std::min(std::max(std::nearbyint(-lo / s), 0.f), 15.f);
   } else {
-    float m = 0.f;
-    for (int64_t j = 0; j < p.group; ++j) m = std::max(m, std::fabs(g.x[j]));
-    *g.scale = std::max(m / p.half_range, kTinyScale);
+    *g.scale = exact_scale(std::max(std::max(-lo / -p.qmin, hi / p.qmax), kTinyScale), p.spare_bits);
   }
+}
+
+void observe_group(const Group& g, const FakeQuantParams& p) {
+  float lo = 0.f, hi = 0.f;
+  for (int64_t j = 0; j < p.group; ++j) {
+    lo = std::min(lo, g.x[j]);
+    hi = std::max(hi, g.x[j]);
+  }
+  set_qparams(g, p, lo, hi);
 }
 
 template <bool kAsym>
@@ -63,7 +65,7 @@ void groups_generic(const Group& base, const FakeQuantParams& p, bool observe, i
     const int64_t offset = i * p.group;
     const Group g{base.x + offset, base.out + offset, base.inside + offset, base.scale + i,
                   p.asym ? base.zero + i : nullptr};
-    if (observe) p.asym ? observe_group<true>(g, p) : observe_group<false>(g, p);
+    if (observe) observe_group(g, p);
     p.asym ? quantize_group<true>(g, p) : quantize_group<false>(g, p);
   }
 }
@@ -79,20 +81,10 @@ LS_AVX512 void group_avx512(const Group& g, const FakeQuantParams& p, bool obser
     for (int64_t j = 0; j < p.group; j += 16) {
       const __mmask16 m = p.group - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (p.group - j)) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(m, g.x + j);
-      if (kAsym) {
-        lo = _mm512_min_ps(lo, v);
-        hi = _mm512_max_ps(hi, v);
-      } else {
-        hi = _mm512_max_ps(hi, _mm512_abs_ps(v));
-      }
+      lo = _mm512_min_ps(lo, v);
+      hi = _mm512_max_ps(hi, v);
     }
-    if (kAsym) {
-      const float low = _mm512_reduce_min_ps(lo), s = std::max((_mm512_reduce_max_ps(hi) - low) / 15.f, kTinyScale);
-      *g.scale = s;
-      *g.zero = std::min(std::max(std::nearbyint(-low / s), 0.f), 15.f);
-    } else {
-      *g.scale = std::max(_mm512_reduce_max_ps(hi) / p.half_range, kTinyScale);
-    }
+    set_qparams(g, p, _mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
   }
   const __m512 s = _mm512_set1_ps(*g.scale), z = _mm512_set1_ps(kAsym ? *g.zero : 0.f);
   const __m512 qmin = _mm512_set1_ps(p.qmin), qmax = _mm512_set1_ps(p.qmax);

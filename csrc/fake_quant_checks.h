@@ -12,11 +12,10 @@ namespace lightning_spec {
 
 struct FakeQuantParams {
   int64_t rows, groups, group;  // the input is [rows, groups * group]
-  float qmin, qmax, half_range;  // half_range: max|x| / half_range is a symmetric scheme's observed scale
+  float qmin, qmax;
+  int spare_bits;  // numerics.SCALE_SPARE_BITS
   bool asym;
 };
-
-constexpr float kTinyScale = 1e-12f;  // numerics._TINY: an all-zero group quantizes to 0 and comes back as 0
 
 inline FakeQuantParams check_fake_quantize_args(const at::Tensor& input, const at::Tensor& scale,
                                                 const std::optional<at::Tensor>& zero, const std::string& scheme,
@@ -48,9 +47,9 @@ inline FakeQuantParams check_fake_quantize_args(const at::Tensor& input, const a
   } else {
     TORCH_CHECK(!zero.has_value(), "fake_quantize: ", scheme, " is symmetric; zero must be None");
   }
-  if (asym) return {rows, groups, group, 0.f, 15.f, 7.5f, true};
-  if (grouped) return {rows, groups, group, -8.f, 7.f, 7.5f, false};
-  return {rows, groups, group, -128.f, 127.f, 127.5f, false};
+  if (asym) return {rows, groups, group, 0.f, 15.f, 4, true};
+  if (grouped) return {rows, groups, group, -8.f, 7.f, 3, false};
+  return {rows, groups, group, -128.f, 127.f, kInt8SpareBits, false};
 }
 
 }  // namespace lightning_spec

@@ -9,7 +9,7 @@
 namespace lightning_spec {
 
 cudaError_t launch_fake_quantize(const float* x, float* out, bool* inside, float* scale, float* zero, int64_t num_groups,
-                                 int64_t group, float qmin, float qmax, float half_range, bool asym, bool observe,
+                                 int64_t group, float qmin, float qmax, int spare_bits, bool asym, bool observe,
                                  cudaStream_t stream);
 
 std::tuple<at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tensor& input, at::Tensor& scale,
@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tensor& input, a
   auto inside = at::empty(x.sizes(), x.options().dtype(at::kBool));
   const auto status = launch_fake_quantize(
       x.data_ptr<float>(), out.data_ptr<float>(), inside.data_ptr<bool>(), scale.data_ptr<float>(),
-      p.asym ? zero->data_ptr<float>() : nullptr, p.rows * p.groups, p.group, p.qmin, p.qmax, p.half_range, p.asym,
+      p.asym ? zero->data_ptr<float>() : nullptr, p.rows * p.groups, p.group, p.qmin, p.qmax, p.spare_bits, p.asym,
       observe, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "fake_quantize: CUDA launch failed: ", cudaGetErrorString(status));
   return {out, inside};

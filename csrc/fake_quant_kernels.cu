@@ -12,6 +12,12 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr float kTiny = 1e-12f;  // numerics._TINY
 
+// numerics.exact_scale: the low significand bits cleared, so that any code times the scale is exact.
+__device__ float exact_scale(float s, int spare_bits) {
+  if (!isfinite(s)) return s;
+  return __uint_as_float(__float_as_uint(s) & ~((1u << spare_bits) - 1u));
+}
+
 __device__ float warp_max(float v) {
   for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
@@ -24,31 +30,28 @@ __device__ float warp_min(float v) {
 
 template <bool kAsym>
 __global__ void fake_quantize_kernel(const float* x, float* out, bool* inside, float* scale, float* zero,
-                                     int64_t num_groups, int64_t group, float qmin, float qmax, float half_range,
+                                     int64_t num_groups, int64_t group, float qmin, float qmax, int spare_bits,
                                      bool observe) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (g >= num_groups) return;  // whole warps leave together: the shuffles below see all 32 lanes
   const int lane = threadIdx.x % 32;
   const float* xg = x + g * group;
   if (observe) {
-    if (kAsym) {
-      float lo = 0.f, hi = 0.f;
-      for (int64_t j = lane; j < group; j += 32) {
-        lo = fminf(lo, xg[j]);
-        hi = fmaxf(hi, xg[j]);
-      }
-      lo = warp_min(lo);
-      hi = warp_max(hi);
-      const float s = fmaxf(__fdiv_rn(hi - lo, 15.f), kTiny);
-      if (lane == 0) {
+    float lo = 0.f, hi = 0.f;  // min clamped to <= 0, max clamped to >= 0
+    for (int64_t j = lane; j < group; j += 32) {
+      lo = fminf(lo, xg[j]);
+      hi = fmaxf(hi, xg[j]);
+    }
+    lo = warp_min(lo);
+    hi = warp_max(hi);
+    if (lane == 0) {
+      if (kAsym) {
+        const float s = exact_scale(fmaxf(__fdiv_rn(hi - lo, 15.f), kTiny), spare_bits);
         scale[g] = s;
         zero[g] = fminf(fmaxf(rintf(__fdiv_rn(-lo, s)), 0.f), 15.f);
+      } else {
+        scale[g] = exact_scale(fmaxf(fmaxf(__fdiv_rn(-lo, -qmin), __fdiv_rn(hi, qmax)), kTiny), spare_bits);
       }
-    } else {
-      float m = 0.f;
-      for (int64_t j = lane; j < group; j += 32) m = fmaxf(m, fabsf(xg[j]));
-      m = warp_max(m);
-      if (lane == 0) scale[g] = fmaxf(__fdiv_rn(m, half_range), kTiny);
     }
     __syncwarp();
   }
@@ -66,16 +69,16 @@ __global__ void fake_quantize_kernel(const float* x, float* out, bool* inside, f
 
 // zero: null unless asym. Returns the launch status.
 cudaError_t launch_fake_quantize(const float* x, float* out, bool* inside, float* scale, float* zero, int64_t num_groups,
-                                 int64_t group, float qmin, float qmax, float half_range, bool asym, bool observe,
+                                 int64_t group, float qmin, float qmax, int spare_bits, bool asym, bool observe,
                                  cudaStream_t stream) {
   if (num_groups == 0) return cudaSuccess;
   const auto blocks = static_cast<unsigned>((num_groups + kWarpsPerBlock - 1) / kWarpsPerBlock);
   if (asym) {
     fake_quantize_kernel<true><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(x, out, inside, scale, zero, num_groups,
-                                                                          group, qmin, qmax, half_range, observe);
+                                                                          group, qmin, qmax, spare_bits, observe);
   } else {
     fake_quantize_kernel<false><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(x, out, inside, scale, zero, num_groups,
-                                                                           group, qmin, qmax, half_range, observe);
+                                                                           group, qmin, qmax, spare_bits, observe);
   }
   return cudaGetLastError();
 }

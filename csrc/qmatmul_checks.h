@@ -5,6 +5,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -70,10 +73,26 @@ inline std::tuple<Scheme, int64_t, int64_t> check_quantized_linear_args(
   return {scheme, N, K};
 }
 
-// w8a8's dynamic per-token activation quantization (lightning_spec.quant.numerics.quantize_activation):
-// returns (codes as float [M, K], scales [M]).
+constexpr float kTinyScale = 1e-12f;  // numerics._TINY: an all-zero group quantizes to 0 and comes back as 0
+constexpr int kInt8SpareBits = 7;  // numerics.SCALE_SPARE_BITS
+
+// numerics.exact_scale: the low ``spare_bits`` significand bits cleared, so that any code times the scale is exact.
+inline float exact_scale(float s, int spare_bits) {
+  if (!std::isfinite(s)) return s;
+  uint32_t bits;
+  std::memcpy(&bits, &s, sizeof bits);
+  bits &= ~((uint32_t{1} << spare_bits) - 1);
+  std::memcpy(&s, &bits, sizeof bits);
+  return s;
+}
+
+// w8a8's dynamic per-token activation quantization (lightning_spec.quant.numerics.quantize_activation, the int8
+// weight numerics per row): returns (codes as float [M, K], scales [M]).
 inline std::pair<at::Tensor, at::Tensor> quantize_activation_per_token(const at::Tensor& x2) {
-  const auto scales = (x2.abs().amax({1}) / 127.5f).clamp_min(1e-12f);
+  const auto lo = std::get<0>(x2.aminmax(1)).clamp_max(0.f), hi = std::get<1>(x2.aminmax(1)).clamp_min(0.f);
+  const auto raw = at::maximum(-lo / 128.f, hi / 127.f).clamp_min(kTinyScale);
+  const auto cleared = (raw.view(at::kInt) & ~((1 << kInt8SpareBits) - 1)).view(at::kFloat);
+  const auto scales = at::where(raw.isfinite(), cleared, raw);
   return {at::clamp(at::round(x2 / scales.unsqueeze(1)), -128, 127), scales};
 }
 

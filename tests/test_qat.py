@@ -17,7 +17,7 @@ from lightning_spec.models import build_draft
 from lightning_spec.quant import FakeQuantLinear, QuantizedLinear, convert, dequantize_weight, prepare_qat, quantize_weight
 from lightning_spec.quant.fake import FROZEN, OBSERVE, OFF
 from lightning_spec.ops.fake_quant import fake_quantize_activation, fake_quantize_weight
-from lightning_spec.quant.numerics import quantize_activation, qrange
+from lightning_spec.quant.numerics import quantize_activation, qrange, weight_qparams
 
 # (weight, group_size, activation)
 CONFIGS = [("int4", 32, None), ("int4", 64, None), ("int4_asym", 32, None), ("int8", None, None), ("int8", None, "int8"),
@@ -65,7 +65,7 @@ def test_straight_through_gradients_and_lsq_scale_gradient():
 
     x = (torch.randn(3, 64) * 3).requires_grad_(True)
     fake_quantize_activation(x).sum().backward()
-    codes = torch.round(x.detach() / (x.detach().abs().amax(-1, keepdim=True) / 127.5))
+    codes = torch.round(x.detach() / weight_qparams(x.detach(), "int8")[0])
     assert torch.equal(x.grad, ((codes >= -128) & (codes <= 127)).float())
 
 

@@ -42,7 +42,22 @@ def test_numerics(scheme, group):
     lo, hi = {"int8": (-128, 127), "w8a8": (-128, 127), "int4": (-8, 7), "int4_asym": (0, 15)}[scheme]
     assert q.min() >= lo and q.max() <= hi
     step = scales if scales.dim() == 1 else scales.repeat_interleave(group, dim=1)
-    assert ((deq - w).abs() <= (step[:, None] if step.dim() == 1 else step) * 0.5 + 1e-6).all()
+    assert ((deq - w).abs() <= (step[:, None] if step.dim() == 1 else step) * 0.5 + 1e-6).all()  # nothing clipped
+
+
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+def test_dequantize_is_the_exact_inverse_on_the_grid(scheme, group):
+    """A dequantized weight quantizes back to the same codes, scales and zero points, bit for bit, at any magnitude."""
+    w = torch.randn(64, 256, dtype=torch.float64) * torch.logspace(-30, 30, 64, dtype=torch.float64)[:, None]
+    w[1], w[2] = w[1].abs(), -w[2].abs()  # one-signed channels: the zero point's and the clamp's edge
+    w = w.float()
+    packed, scales, zeros = quantize_weight(w, scheme, group)
+    grid = dequantize_weight(packed, scales, zeros, scheme=scheme, group_size=group)
+    again = quantize_weight(grid, scheme, group)
+    assert torch.equal(again[0], packed) and torch.equal(again[1], scales)
+    assert zeros is None or torch.equal(again[2], zeros)
+    assert torch.equal(dequantize_weight(*again, scheme=scheme, group_size=group), grid)
+    assert torch.equal(fake_quantize_weight(grid, scheme, group), grid)  # the QAT observer sees the same grid
 
 
 @pytest.mark.parametrize("scheme,group", SCHEMES)

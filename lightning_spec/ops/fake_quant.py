@@ -95,7 +95,7 @@ def fake_quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = Non
 
 def fake_quantize_activation(x: Tensor) -> Tensor:
     """w8a8's per-token activation quantization of ``x`` [..., K] as codes * scale, in float32 (the scale is a statistic,
-    max|x| / 127.5 per token, not learned); gradient straight through the rounding, zero where the clamp bites."""
+    the int8 numerics per token, not learned); gradient straight through the rounding, zero where the clamp bites."""
     x2 = x.float().reshape(-1, x.shape[-1])
     scale = x2.new_empty((x2.shape[0], 1))
     out, _ = _FakeQuantize.apply(x2, scale, None, "int8", None, True)

@@ -2,13 +2,19 @@
 compute, and what the QAT fake quantizer reproduces.
 
 Schemes:
-  "int8"       weight-only, symmetric, per output channel: s = max|w| / 127.5, q = clamp(round(w / s), -128, 127)
-  "int4"       weight-only, symmetric, per group of 32/64/128 inputs: s = max|w| / 7.5, q = clamp(round(w / s), -8, 7)
-  "int4_asym"  weight-only, per group with a zero point: s = (max - min) / 15, z = clamp(round(-min / s), 0, 15),
+  "int8"       weight-only, symmetric, per output channel: s = max(-min(w) / 128, max(w) / 127),
+               q = clamp(round(w / s), -128, 127)
+  "int4"       weight-only, symmetric, per group of 32/64/128 inputs: s = max(-min(w) / 8, max(w) / 7),
+               q = clamp(round(w / s), -8, 7)
+  "int4_asym"  weight-only, per group with a zero point: s = (max(w) - min(w)) / 15, z = clamp(round(-min(w) / s), 0, 15),
                q = clamp(round(w / s) + z, 0, 15)
-  "w8a8"       int8 weights as "int8", and activations quantized per token at run time the same way
-               (s_x = max|x| / 127.5), multiplied in int32
-The weight is (q - z) * s (z = 0 when symmetric). round is torch.round (half to even).
+  "w8a8"       int8 weights as "int8", and activations quantized per token at run time the same way, multiplied in
+               int32
+min and max take in 0 (min(w) <= 0 <= max(w)), so the symmetric scales clip nothing and the largest weight lands on a
+code at the end of the range. Every scale then has its low significand bits cleared (toward zero; 3 for int4, 4 for
+int4_asym, 7 for the int8 codes) so that a code times it is exact in float32: dequantize_weight is the exact inverse on
+the grid, and a dequantized weight quantizes back to the same codes and scales. The weight is (q - z) * s (z = 0
+when symmetric). round is torch.round (half to even).
 
 Packed layouts (laid out for streaming kernels):
   int8, w8a8       packed int8 [N, K]
@@ -24,6 +30,8 @@ from torch import Tensor
 SCHEMES = ("int8", "int4", "int4_asym", "w8a8")
 GROUP_SIZES = (32, 64, 128)
 _TINY = 1e-12  # an all-zero channel or group gets this scale: it quantizes to 0 and comes back as 0
+# bits of the largest |code| (int4_asym: |q - z| <= 15); a scale with this many low significand bits clear times any code is exact
+SCALE_SPARE_BITS = {"int8": 7, "w8a8": 7, "int4": 3, "int4_asym": 4}
 
 
 def check_scheme(scheme: str, group_size: Optional[int], in_features: Optional[int] = None, where: str = "") -> None:
@@ -61,16 +69,24 @@ def qrange(scheme: str) -> Tuple[int, int]:
     return {"int8": (-128, 127), "w8a8": (-128, 127), "int4": (-8, 7), "int4_asym": (0, 15)}[scheme]
 
 
+def exact_scale(scale: Tensor, scheme: str) -> Tensor:
+    """``scale`` (float32) with its low significand bits cleared, toward zero, so that every code of ``scheme`` times
+    it is exact in float32 (the codes need at most SCALE_SPARE_BITS bits). Infinities and NaNs pass through."""
+    keep = ~((1 << SCALE_SPARE_BITS[scheme]) - 1)
+    cleared = (scale.contiguous().view(torch.int32) & keep).view(torch.float32)
+    return torch.where(torch.isfinite(scale), cleared, scale)
+
+
 def weight_qparams(w: Tensor, scheme: str, group_size: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """The scales and zero points the numerics give ``w``: float32 [N, groups] each (one group per row for the
     per-channel schemes); zero points None when symmetric."""
     g = _grouped(w, scheme, group_size)
-    if scheme == "int4_asym":
-        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
-        scale = ((hi - lo) / 15).clamp(min=_TINY)
-        return scale, torch.clamp(torch.round(-lo / scale), 0, 15)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
     qmin, qmax = qrange(scheme)
-    return (g.abs().amax(-1) / ((qmax - qmin) / 2)).clamp(min=_TINY), None
+    if scheme == "int4_asym":
+        scale = exact_scale(((hi - lo) / 15).clamp(min=_TINY), scheme)
+        return scale, torch.clamp(torch.round(-lo / scale), 0, 15)
+    return exact_scale(torch.maximum(-lo / -qmin, hi / qmax).clamp(min=_TINY), scheme), None
 
 
 def _codes(v: Tensor, zero: Optional[Tensor], qmin: int, qmax: int) -> Tuple[Tensor, Tensor]:
@@ -180,7 +196,7 @@ def dequantize_weight(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], *
 
 
 def quantize_activation(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """w8a8's dynamic per-token activation quantization: (int8 codes [M, K], float32 scales [M])."""
-    x = x.float()
-    scale = (x.abs().amax(-1) / 127.5).clamp(min=_TINY)
-    return torch.clamp(torch.round(x / scale[:, None]), -128, 127).to(torch.int8), scale
+    """w8a8's dynamic per-token activation quantization, the int8 weight numerics per row: (int8 codes [M, K],
+    float32 scales [M])."""
+    codes, scale, _ = quantize_codes(x.float(), "int8")
+    return codes.to(torch.int8), scale
