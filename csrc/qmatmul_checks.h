@@ -47,6 +47,7 @@ inline std::tuple<Scheme, int64_t, int64_t> check_quantized_linear_args(
   const int64_t K = grouped ? packed.size(1) * 2 : packed.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == K, "quantized_linear: x has ", x.size(-1),
                     " input features, the packed weight has K = ", K);
+  TORCH_CHECK_VALUE(K > 0, "quantized_linear: packed has no input features (K = 0)");
   if (grouped) {
     TORCH_CHECK_VALUE(group_size == 32 || group_size == 64 || group_size == 128,
                       "quantized_linear: group_size must be 32, 64 or 128 for ", scheme_name, ", got ",

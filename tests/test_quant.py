@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_spec.decoding import target_generate
 from lightning_spec.ops import active_implementation, quantized_linear, reference
-from lightning_spec.quant import QuantizedLinear, dequantize_weight, fake_quantize_weight, quantize_model, quantize_weight
+from lightning_spec.quant import QuantizedLinear, dequantize_weight, fake_quantize_weight, prepare_qat, quantize_model, quantize_weight
 from lightning_spec.quant.numerics import quantize_codes
 
 from cpu_paths import use_cpu_path
@@ -234,12 +234,63 @@ def test_compiled_quantized_model_decodes_like_eager():
         (lambda w, x: quantized_linear(x, *quantize_weight(w, "int8"), scheme="int8", bias=torch.zeros(3)), "bias"),
         (lambda w, x: quantize_model(tiny_llama(), "int4", 32, include=["nothing_here"]), "matches no nn.Linear"),
         (lambda w, x: QuantizedLinear(100, 8, scheme="int4", group_size=32), "not divisible"),
+        (lambda w, x: QuantizedLinear(128, 8, scheme="int8")(torch.ones(2, 128, dtype=torch.long)), "floating-point input"),
+        (lambda w, x: quantize_weight(w[:, :0], "int8"), "no input features"),
+        (lambda w, x: quantized_linear(x[:, :0], torch.zeros(16, 0, dtype=torch.int8), torch.ones(16), None, scheme="int8"), "K = 0"),
+        (lambda w, x: torch.ops.lightning_spec.quantized_linear(x[:, :0], torch.zeros(16, 0, dtype=torch.int8), torch.ones(16), None, "int8", 0, None), "K = 0"),
+        (lambda w, x: quantize_weight(w, "int4", 32.0), "group_size"),
+        (lambda w, x: quantize_weight(w, "int4_asym", 32, torch.ones(16, 4), torch.full((16, 4), 16.0)), r"\[0, 15\]"),
+        (lambda w, x: dequantize_weight(*quantize_weight(w, "int4_asym", 32)[:2], torch.full((16, 4), 16, dtype=torch.uint8), scheme="int4_asym", group_size=32), r"\[0, 15\]"),
+        (lambda w, x: quantize_weight(w, "int8", None, -torch.ones(16)), "scales must be positive"),
+        (lambda w, x: quantize_weight(w, "int8", None, torch.ones(16), torch.zeros(16)), "zeros go with int4_asym"),
     ],
 )
 def test_bad_input_is_named(call, match):
     w, x = torch.randn(16, 128), torch.randn(2, 128)
     with pytest.raises(ValueError, match=match):
         call(w, x)
+
+
+def test_quantize_model_checks_every_layer_before_swapping_any():
+    model = tiny_llama()
+    model.model.layers[1].mlp.down_proj = torch.nn.Linear(100, 64)  # the group size does not divide 100
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj"):
+        quantize_model(model, "int4", 32)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert quantize_model(tiny_llama(), "int8", None, include="mlp")["quantized"] == quantize_model(tiny_llama(), "int8", None, include=["mlp"])["quantized"]
+
+
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+def test_gradients_flow_to_x_and_bias(scheme, group):
+    """Adapters over a frozen quantized model: d/dx is grad @ the dequantized weight (straight through w8a8's
+    activation rounding), d/dbias the summed grad; the packed weight and scales are constants."""
+    packed, scales, zeros = quantize_weight(torch.randn(40, 128), scheme, group)
+    weight = dequantize_weight(packed, scales, zeros, scheme=scheme, group_size=group)
+    x, bias = torch.randn(2, 3, 128, requires_grad=True), torch.randn(40, requires_grad=True)
+    y = quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group, bias=bias)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    torch.testing.assert_close(x.grad, grad @ weight)
+    torch.testing.assert_close(bias.grad, grad.sum((0, 1)))
+    with pytest.raises(RuntimeError, match="no gradient for scales"):
+        quantized_linear(x, packed, scales.requires_grad_(), zeros, scheme=scheme, group_size=group).sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_cast_model_keeps_float32_scales(dtype):
+    """model.to(dtype) (or a bf16-true precision plugin) casts weights and activations, not the quantization parameters."""
+    ids = torch.randint(0, 256, (2, 9))
+    quantized, fake = tiny_llama(), tiny_llama()
+    quantize_model(quantized, "int4", 32)
+    prepare_qat(fake, "int4_asym", 32, phase=2, learn_scales=True)
+    for model in (quantized, fake):
+        scales = {n: t.clone() for n, t in [*model.named_buffers(), *model.named_parameters()] if "scale" in n or "zero" in n}
+        model.to(dtype)
+        with torch.no_grad():
+            assert model(ids).logits.dtype == dtype
+        for name, t in [*model.named_buffers(), *model.named_parameters()]:
+            if name in scales:
+                assert torch.equal(t, scales[name]), name
 
 
 def test_compiled_kernel_checks_too():

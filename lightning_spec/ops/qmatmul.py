@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from lightning_spec.ops import _extension  # noqa: F401  (registers torch.ops.lightning_spec)
-from lightning_spec.quant.numerics import check_packed
+from lightning_spec.quant.numerics import check_packed, dequantize_weight
 
 
 def check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size, bias) -> None:
@@ -29,6 +29,9 @@ def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[
     one or two rows reads x in 22-bit block fixed point (each input within 2^-22 of its 32-input chunk's largest
     |x|, about float32's own rounding), to multiply nibbles with VNNI's exact int8 dot products.
 
+    Differentiable in ``x`` (grad @ the dequantized weight; straight through w8a8's activation rounding) and ``bias``,
+    e.g. for adapters trained over a frozen quantized model; the packed weight and its scales are constants.
+
     Example::
 
         packed, scales, zeros = quantize_weight(linear.weight, "int4", group_size=32)
@@ -41,3 +44,26 @@ def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[
 def _quantized_linear_fake(x, packed, scales, zeros, scheme, group_size, bias):
     check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size or None, bias)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _setup_backward(ctx, inputs, output):
+    x, packed, scales, zeros, scheme, group_size, bias = inputs
+    ctx.save_for_backward(packed, scales, zeros)
+    ctx.scheme, ctx.group_size, ctx.x_dtype = scheme, group_size or None, x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad):
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError("quantized_linear has no gradient for scales: learn them in QAT (FakeQuantLinear, learn_scales=True)")
+    packed, scales, zeros = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = dequantize_weight(packed, scales, zeros, scheme=ctx.scheme, group_size=ctx.group_size)
+        grad_x = (grad.float() @ weight).to(ctx.x_dtype)
+    if ctx.needs_input_grad[6]:
+        grad_bias = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("lightning_spec::quantized_linear", _backward, setup_context=_setup_backward)

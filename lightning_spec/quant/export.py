@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_spec.quant.fake import OFF, FakeQuantLinear, _swap
-from lightning_spec.quant.linear import QuantizedLinear
+from lightning_spec.quant.fake import OFF, FakeQuantLinear
+from lightning_spec.quant.linear import QuantizedLinear, swap_module
 
 CONFIG_KEY = "lightning_spec_quantization"
 QPARAMS_FILE = "quantization.safetensors"
@@ -44,14 +44,14 @@ def dequantized_copy(model: nn.Module) -> Tuple[nn.Module, Dict[str, dict], Dict
         if not isinstance(layer, (FakeQuantLinear, QuantizedLinear)):
             continue
         if isinstance(layer, FakeQuantLinear) and layer.phase == OFF:
-            _swap(model, name, _plain_linear(layer, layer.weight))  # the same Parameter: ties stay
+            swap_module(model, name, _plain_linear(layer, layer.weight))  # the same Parameter: ties stay
             continue
         if layer is tied_head:
             raise ValueError(f"cannot export the quantized layer {name!r}: it is the output layer tied to the input "
                              "embeddings (untie them, or keep it out of quantization)")
         if isinstance(layer, FakeQuantLinear):
             layer = QuantizedLinear.from_float(layer, layer.scheme, layer.group_size, layer.activation, *layer.qparams())
-        _swap(model, name, _plain_linear(layer, nn.Parameter(layer.dequantized_weight(), requires_grad=False)))
+        swap_module(model, name, _plain_linear(layer, nn.Parameter(layer.dequantized_weight(), requires_grad=False)))
         schemes[name] = {"scheme": layer.scheme, "group_size": layer.group_size, "activation": layer.activation}
         qparams[f"{name}.scales"] = layer.scales.contiguous()
         if layer.zeros is not None:
@@ -88,5 +88,5 @@ def requantize(model: nn.Module, directory: Path) -> nn.Module:
         linear = model.get_submodule(name)
         layer = QuantizedLinear.from_float(linear.float(), spec["scheme"], spec["group_size"], spec["activation"],
                                            qparams[f"{name}.scales"], qparams.get(f"{name}.zeros"))
-        _swap(model, name, layer.to(linear.weight.device))
+        swap_module(model, name, layer.to(linear.weight.device))
     return model

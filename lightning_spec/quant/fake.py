@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_spec.ops.fake_quant import fake_quantize_activation, fake_quantize_weight
-from lightning_spec.quant.linear import QuantizedLinear, select_linears
+from lightning_spec.quant.linear import QuantizedLinear, apply_keeping_float32, select_linears, swap_module
 from lightning_spec.quant.numerics import _TINY, check_activation, check_scheme, weight_qparams
 
 OFF, OBSERVE, FROZEN = 0, 1, 2
@@ -68,6 +68,9 @@ class FakeQuantLinear(nn.Linear):
                 layer.weight_zero.zero_()
         return layer
 
+    def _apply(self, fn, recurse=True):
+        return apply_keeping_float32(self, super()._apply, fn, recurse, ("weight_scale", "weight_zero"))
+
     @property
     def learn_scales(self) -> bool:
         return isinstance(self.weight_scale, nn.Parameter)
@@ -113,11 +116,6 @@ class FakeQuantLinear(nn.Linear):
         return f"{super().extra_repr()}, scheme={self.scheme}{group}{activation}{learned}, phase={PHASES[self.phase]}"
 
 
-def _swap(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
-
-
 def prepare_qat(model: nn.Module, weight: str = "int4", group_size: Optional[int] = 32, activation: Optional[str] = None,
                 include: Optional[Sequence[str]] = None, exclude: Sequence[str] = ("lm_head", "embed"),
                 learn_scales: bool = False, phase: int = OFF) -> List[FakeQuantLinear]:
@@ -138,7 +136,7 @@ def prepare_qat(model: nn.Module, weight: str = "int4", group_size: Optional[int
         layer = FakeQuantLinear.from_linear(model.get_submodule(name), weight=weight, group_size=group_size,
                                             activation=activation, learn_scales=learn_scales)
         layer.set_phase(phase)
-        _swap(model, name, layer)
+        swap_module(model, name, layer)
     return fake_quant_layers(model)
 
 
@@ -160,7 +158,7 @@ def convert(model: nn.Module) -> Dict[str, object]:
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]:
         scale, zero = layer.qparams()
         quantized = QuantizedLinear.from_float(layer, layer.scheme, layer.group_size, layer.activation, scale, zero)
-        _swap(model, name, quantized)
+        swap_module(model, name, quantized)
         report["converted"].append(name)
         report["bytes_before"] += layer.weight.numel() * layer.weight.element_size()
         report["bytes_after"] += sum(b.numel() * b.element_size() for b in (quantized.packed, quantized.scales, quantized.zeros) if b is not None)

@@ -10,6 +10,19 @@ from lightning_spec.ops.fake_quant import fake_quantize_activation
 from lightning_spec.quant.numerics import check_activation, check_scheme, dequantize_weight, quantize_weight
 
 
+def apply_keeping_float32(module: nn.Module, apply, fn, recurse: bool, names: Sequence[str]) -> nn.Module:
+    """``module._apply`` (``apply``, the base class's) that leaves the float32 tensors ``names`` float32 while
+    ``.to(dtype)``, ``.half()`` or a precision plugin casts the rest: the kernels and the numerics take float32
+    quantization parameters, and a cast would round them off the grid. Device moves still apply."""
+    kept = {n: getattr(module, n).detach() for n in names if getattr(module, n) is not None}
+    apply(fn, recurse)
+    for n, before in kept.items():
+        now = getattr(module, n)
+        if now.dtype != before.dtype:
+            now.data = before.to(now.device)
+    return module
+
+
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is stored packed (``packed``, ``scales``, ``zeros`` buffers, so state_dict
     saves and reloads the packed form) and multiplied by lightning_spec.ops.quantized_linear.
@@ -53,10 +66,15 @@ class QuantizedLinear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach().float())
         return layer
 
+    def _apply(self, fn, recurse=True):
+        return apply_keeping_float32(self, super()._apply, fn, recurse, ("scales",))
+
     def dequantized_weight(self) -> Tensor:
         return dequantize_weight(self.packed, self.scales, self.zeros, scheme=self.scheme, group_size=self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            raise ValueError(f"QuantizedLinear takes floating-point input, got {x.dtype}")
         out_dtype = x.dtype
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
@@ -85,6 +103,7 @@ def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
 def select_linears(model: nn.Module, include: Optional[Sequence[str]], exclude: Sequence[str], kind=nn.Linear) -> List[str]:
     """Names of the ``kind`` modules that ``include`` (None: all) and not ``exclude`` select; errors for an include
     pattern that matches no such layer and an exclude pattern that matches no module at all."""
+    include, exclude = ([p] if isinstance(p, str) else p for p in (include, exclude))  # one pattern, not its letters
     modules = dict(model.named_modules())
     names = [n for n, m in modules.items() if isinstance(m, kind)]
     for label, patterns, pool in (("include", include, names), ("exclude", exclude, list(modules))):
@@ -108,6 +127,8 @@ def quantize_model(model: nn.Module, scheme: str = "int4", group_size: Optional[
     check_scheme(scheme, group_size)
     check_activation(scheme, activation)
     chosen = select_linears(model, include, exclude)
+    for name in chosen:  # every layer checked before any is swapped: an error leaves the model as it was
+        check_scheme(scheme, group_size, model.get_submodule(name).in_features, where=name)
     report = {"scheme": scheme, "group_size": group_size, "quantized": [], "skipped": [], "bytes_before": 0, "bytes_after": 0}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
@@ -115,11 +136,14 @@ def quantize_model(model: nn.Module, scheme: str = "int4", group_size: Optional[
         if name not in chosen:
             report["skipped"].append(name)
             continue
-        check_scheme(scheme, group_size, module.in_features, where=name)
         layer = QuantizedLinear.from_float(module, scheme, group_size, activation)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        swap_module(model, name, layer)
         report["quantized"].append(name)
         report["bytes_before"] += module.weight.numel() * module.weight.element_size()
         report["bytes_after"] += sum(b.numel() * b.element_size() for b in (layer.packed, layer.scales, layer.zeros) if b is not None)
     return report
+
+
+def swap_module(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)

@@ -40,7 +40,7 @@ def check_scheme(scheme: str, group_size: Optional[int], in_features: Optional[i
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}{at}; choose one of {list(SCHEMES)}")
     if scheme.startswith("int4"):
-        if group_size not in GROUP_SIZES:
+        if type(group_size) is not int or group_size not in GROUP_SIZES:
             raise ValueError(f"{scheme} needs group_size in {list(GROUP_SIZES)}{at}, got {group_size!r}")
         if in_features is not None and in_features % group_size:
             raise ValueError(f"{scheme}: in_features {in_features} is not divisible by group_size {group_size}{at}")
@@ -101,6 +101,8 @@ def _codes(v: Tensor, zero: Optional[Tensor], qmin: int, qmax: int) -> Tuple[Ten
 def _check_weight(w: Tensor, scheme: str, group_size: Optional[int]) -> None:
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"weight must be a floating-point [out_features, in_features] matrix, got {w.dtype} {list(w.shape)}")
+    if w.shape[1] == 0:
+        raise ValueError("weight has no input features (in_features = 0)")
     check_scheme(scheme, group_size, w.shape[1])
 
 
@@ -118,6 +120,12 @@ def quantize_codes(w: Tensor, scheme: str, group_size: Optional[int] = None, sca
     _check_weight(w, scheme, group_size)
     if scales is None:
         scales, zeros = weight_qparams(w, scheme, group_size)
+    elif not bool((scales > 0).all()):
+        raise ValueError("scales must be positive")
+    elif (zeros is not None) != (scheme == "int4_asym"):
+        raise ValueError(f"zeros go with int4_asym's scales (and only with them); scheme is {scheme}")
+    if zeros is not None:
+        _check_zero_points(zeros)
     with torch.no_grad():
         g, s, z = _grouped_qparams(w, scheme, group_size, scales, zeros)
         q, _ = _codes(g / s, z, *qrange(scheme))
@@ -151,6 +159,11 @@ def quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = None, sc
     return _pack_nibbles(q + 8 if scheme == "int4" else q), scales, zeros
 
 
+def _check_zero_points(zeros: Tensor) -> None:
+    if zeros.numel() and not bool(((zeros >= 0) & (zeros <= 15) & (zeros == torch.round(zeros.float()))).all()):
+        raise ValueError("int4_asym zeros must be integers in [0, 15]")
+
+
 def check_packed(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], scheme: str, group_size: Optional[int], in_features: Optional[int] = None) -> int:
     """Validate a packed weight for ``scheme``; returns in_features (K)."""
     check_scheme(scheme, group_size)
@@ -176,6 +189,8 @@ def check_packed(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], scheme
             raise ValueError(f"int4_asym needs zeros uint8 {list(want_scales)}, got {None if zeros is None else (zeros.dtype, list(zeros.shape))}")
     elif zeros is not None:
         raise ValueError(f"{scheme} is symmetric: zeros must be None")
+    if K == 0:
+        raise ValueError("packed has no input features (K = 0)")
     if in_features is not None and in_features != K:
         raise ValueError(f"x has {in_features} input features but the packed weight has K = {K}")
     for name, t in (("scales", scales), ("zeros", zeros)):
@@ -187,6 +202,8 @@ def check_packed(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], scheme
 def dequantize_weight(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], *, scheme: str, group_size: Optional[int] = None) -> Tensor:
     """The float32 [N, K] weight that packed codes stand for: (q - z) * s."""
     K = check_packed(packed, scales, zeros, scheme, group_size)
+    if zeros is not None:
+        _check_zero_points(zeros)
     N = packed.shape[0]
     if scheme in ("int8", "w8a8"):
         return packed.float() * scales[:, None]
