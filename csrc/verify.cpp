@@ -11,11 +11,11 @@
 
 namespace lightning_spec {
 
-// One pass per row: finite, non-negative, summing to 1 within 1e-3 (see verify_checks.h). The sum runs in
-// kLanes independent double accumulators so that it vectorizes and is bound by memory, not by add latency: the
-// check needs a tolerance, not the walk's bit-exact sequential order.
+// One pass per row: finite, non-negative, summing to 1 within probability_sum_tolerance (verify_checks.h). The sum
+// runs in kLanes independent double accumulators so that it vectorizes and is bound by memory, not by add latency:
+// the check needs a tolerance, not the walk's bit-exact sequential order.
 template <typename T>
-static void check_probability_rows(const T* probs, int64_t rows, int64_t V, const char* name) {
+static void check_probability_rows(const T* probs, int64_t rows, int64_t V, double tolerance, const char* name) {
   constexpr int64_t kLanes = 16;
   int64_t first_bad_value = rows, first_bad_sum = rows;
 #pragma omp parallel for reduction(min : first_bad_value, first_bad_sum)
@@ -40,13 +40,13 @@ static void check_probability_rows(const T* probs, int64_t rows, int64_t V, cons
     for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
     if (bad)
       first_bad_value = std::min(first_bad_value, row);
-    else if (std::abs(total - 1.0) > 1e-3)
+    else if (!(std::abs(total - 1.0) <= tolerance))
       first_bad_sum = std::min(first_bad_sum, row);
   }
-  TORCH_CHECK(first_bad_value == rows, "verify_tree: ", name, " has non-finite or negative values (flat row ",
-              first_bad_value, ")");
-  TORCH_CHECK(first_bad_sum == rows, "verify_tree: ", name, " rows must sum to 1 (within 1e-3); flat row ",
-              first_bad_sum, " does not");
+  TORCH_CHECK_VALUE(first_bad_value == rows, "verify_tree: ", name, " has non-finite or negative values (flat row ",
+                    first_bad_value, ")");
+  TORCH_CHECK_VALUE(first_bad_sum == rows, "verify_tree: ", name, " rows must sum to 1 (within ", tolerance,
+                    "); flat row ", first_bad_sum, " does not");
 }
 
 template <typename T>
@@ -77,8 +77,10 @@ VerifyTreeResult verify_tree_cpu(const at::Tensor& candidates, const at::Tensor&
   auto num_accepted = at::empty({B}, candidates.options());
   auto next_token = at::empty({B}, candidates.options());
   AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "verify_tree_cpu", [&] {
-    check_probability_rows(target.data_ptr<scalar_t>(), B * N, V, "target_probs");
-    if (draft) check_probability_rows(draft->data_ptr<scalar_t>(), draft->size(0) * draft->size(1), V, "draft_probs");
+    const double tolerance = probability_sum_tolerance(target_probs.scalar_type(), V);  // the dtype as given
+    check_probability_rows(target.data_ptr<scalar_t>(), B * N, V, tolerance, "target_probs");
+    if (draft)
+      check_probability_rows(draft->data_ptr<scalar_t>(), draft->size(0) * draft->size(1), V, tolerance, "draft_probs");
     verify_rows_cpu<scalar_t>(cand.data_ptr<int64_t>(), par.data_ptr<int64_t>(), target.data_ptr<scalar_t>(),
                               draft ? draft->data_ptr<scalar_t>() : nullptr, draft ? draft->size(1) : 0,
                               unif ? unif->data_ptr<double>() : nullptr, B, N, V, greedy,

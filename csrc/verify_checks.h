@@ -4,71 +4,89 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 
 namespace lightning_spec {
 
+// How far a row of ``dtype`` probabilities over V tokens may sum from 1: 1e-3, plus the dtype's rounding of each
+// probability (2 eps over the row) and half its smallest subnormal per token (a float16 softmax over a large vocabulary
+// flushes its tail). The walk renormalizes by the row's sum, so the check only has to catch rows that are not
+// probabilities (logits, unnormalized scores, a wrong axis).
+inline double probability_sum_tolerance(at::ScalarType dtype, int64_t V) {
+  int mantissa_bits = 23, min_exponent = -126;  // float32
+  if (dtype == at::kDouble) mantissa_bits = 52, min_exponent = -1022;
+  if (dtype == at::kBFloat16) mantissa_bits = 7;
+  if (dtype == at::kHalf) mantissa_bits = 10, min_exponent = -14;
+  const double eps = std::ldexp(1.0, -mantissa_bits);
+  return 1e-3 + 2 * eps + static_cast<double>(V) * std::ldexp(eps, min_exponent - 1);
+}
+
 inline void check_probabilities(const at::Tensor& probs, const char* name) {
-  TORCH_CHECK((at::isfinite(probs) & (probs >= 0)).all().item<bool>(), "verify_tree: ", name,
-              " has non-finite or negative values");
+  TORCH_CHECK_VALUE((at::isfinite(probs) & (probs >= 0)).all().item<bool>(), "verify_tree: ", name,
+                    " has non-finite or negative values");
   const auto row_sums = probs.sum(at::IntArrayRef{-1}, /*keepdim=*/false, at::kDouble);
-  TORCH_CHECK(((row_sums - 1.0).abs() <= 1e-3).all().item<bool>(), "verify_tree: ", name,
-              " rows must sum to 1 (within 1e-3)");
+  const double tolerance = probability_sum_tolerance(probs.scalar_type(), probs.size(-1));
+  TORCH_CHECK_VALUE(((row_sums - 1.0).abs() <= tolerance).all().item<bool>(), "verify_tree: ", name,
+                    " rows must sum to 1 (within ", tolerance, ")");
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& target_probs, const char* name) {
-  TORCH_CHECK(t.device() == target_probs.device(), "verify_tree: ", name, " is on ", t.device(),
-              " but target_probs is on ", target_probs.device());
+  TORCH_CHECK_VALUE(t.device() == target_probs.device(), "verify_tree: ", name, " is on ", t.device(),
+                    " but target_probs is on ", target_probs.device());
 }
 
 inline void check_verify_tree_args(const at::Tensor& candidates, const at::Tensor& parents,
                                    const at::Tensor& target_probs, const std::optional<at::Tensor>& draft_probs,
                                    const std::optional<at::Tensor>& uniforms, bool greedy) {
   const auto probs_dtype = target_probs.scalar_type();
-  TORCH_CHECK(probs_dtype == at::kFloat || probs_dtype == at::kDouble || probs_dtype == at::kBFloat16 ||
-                  probs_dtype == at::kHalf,
-              "verify_tree: target_probs must be float32, float64, bfloat16 or float16, got ", probs_dtype);
-  TORCH_CHECK(target_probs.dim() == 3, "verify_tree: target_probs must be [B, N, V], got ", target_probs.sizes());
+  TORCH_CHECK_VALUE(probs_dtype == at::kFloat || probs_dtype == at::kDouble || probs_dtype == at::kBFloat16 ||
+                        probs_dtype == at::kHalf,
+                    "verify_tree: target_probs must be float32, float64, bfloat16 or float16, got ", probs_dtype);
+  TORCH_CHECK_VALUE(target_probs.dim() == 3, "verify_tree: target_probs must be [B, N, V], got ", target_probs.sizes());
   const int64_t B = target_probs.size(0), N = target_probs.size(1), V = target_probs.size(2);
-  TORCH_CHECK(N >= 1 && V >= 1, "verify_tree: target_probs must have N >= 1 nodes and V >= 1 tokens");
-  TORCH_CHECK(candidates.scalar_type() == at::kLong, "verify_tree: candidates must be int64, got ",
-              candidates.scalar_type());
-  TORCH_CHECK(candidates.dim() == 2 && candidates.size(0) == B && candidates.size(1) == N,
-              "verify_tree: candidates must be [B, N] = [", B, ", ", N, "], got ", candidates.sizes());
-  TORCH_CHECK(parents.scalar_type() == at::kLong, "verify_tree: parents must be int64, got ", parents.scalar_type());
-  TORCH_CHECK(parents.sizes() == candidates.sizes(), "verify_tree: parents must be [B, N] = [", B, ", ", N,
-              "], got ", parents.sizes());
+  TORCH_CHECK_VALUE(N >= 1 && V >= 1, "verify_tree: target_probs must have N >= 1 nodes and V >= 1 tokens");
+  TORCH_CHECK_VALUE(candidates.scalar_type() == at::kLong, "verify_tree: candidates must be int64, got ",
+                    candidates.scalar_type());
+  TORCH_CHECK_VALUE(candidates.dim() == 2 && candidates.size(0) == B && candidates.size(1) == N,
+                    "verify_tree: candidates must be [B, N] = [", B, ", ", N, "], got ", candidates.sizes());
+  TORCH_CHECK_VALUE(parents.scalar_type() == at::kLong, "verify_tree: parents must be int64, got ",
+                    parents.scalar_type());
+  TORCH_CHECK_VALUE(parents.sizes() == candidates.sizes(), "verify_tree: parents must be [B, N] = [", B, ", ", N,
+                    "], got ", parents.sizes());
   check_same_device(candidates, target_probs, "candidates");
   check_same_device(parents, target_probs, "parents");
   if (draft_probs) {
     const auto& draft = *draft_probs;
-    TORCH_CHECK(draft.scalar_type() == probs_dtype, "verify_tree: draft_probs must have target_probs' dtype ",
-                probs_dtype, ", got ", draft.scalar_type());
-    TORCH_CHECK(draft.dim() == 3 && draft.size(0) == B && (draft.size(1) == N || draft.size(1) == N - 1) &&
-                    draft.size(2) == V,
-                "verify_tree: draft_probs must be [B, N, V] or [B, N - 1, V] with target_probs' B, N, V = ", B, ", ",
-                N, ", ", V, ", got ", draft.sizes());
+    TORCH_CHECK_VALUE(draft.scalar_type() == probs_dtype, "verify_tree: draft_probs must have target_probs' dtype ",
+                      probs_dtype, ", got ", draft.scalar_type());
+    TORCH_CHECK_VALUE(draft.dim() == 3 && draft.size(0) == B && (draft.size(1) == N || draft.size(1) == N - 1) &&
+                          draft.size(2) == V,
+                      "verify_tree: draft_probs must be [B, N, V] or [B, N - 1, V] with target_probs' B, N, V = ",
+                      B, ", ", N, ", ", V, ", got ", draft.sizes());
     check_same_device(draft, target_probs, "draft_probs");
   }
-  TORCH_CHECK(greedy || uniforms, "verify_tree: uniforms are required unless greedy");
+  TORCH_CHECK_VALUE(greedy || uniforms, "verify_tree: uniforms are required unless greedy");
   if (uniforms) {
-    TORCH_CHECK(uniforms->scalar_type() == at::kDouble, "verify_tree: uniforms must be float64, got ",
-                uniforms->scalar_type());
-    TORCH_CHECK(uniforms->dim() == 2 && uniforms->size(0) == B && uniforms->size(1) == N + 1,
-                "verify_tree: uniforms must be [B, N + 1] = [", B, ", ", N + 1, "], got ", uniforms->sizes());
+    TORCH_CHECK_VALUE(uniforms->scalar_type() == at::kDouble, "verify_tree: uniforms must be float64, got ",
+                      uniforms->scalar_type());
+    TORCH_CHECK_VALUE(uniforms->dim() == 2 && uniforms->size(0) == B && uniforms->size(1) == N + 1,
+                      "verify_tree: uniforms must be [B, N + 1] = [", B, ", ", N + 1, "], got ", uniforms->sizes());
     check_same_device(*uniforms, target_probs, "uniforms");
   }
 
   // Values: the tree is topological, tokens exist, uniforms lie in [0, 1).
-  TORCH_CHECK((parents.select(1, 0) == -1).all().item<bool>(), "verify_tree: parents[:, 0] must be -1 (the root)");
+  TORCH_CHECK_VALUE((parents.select(1, 0) == -1).all().item<bool>(),
+                    "verify_tree: parents[:, 0] must be -1 (the root)");
   const auto node_index = at::arange(1, N, parents.options());
   const auto later_parents = parents.slice(1, 1);
-  TORCH_CHECK(((later_parents >= 0) & (later_parents < node_index)).all().item<bool>(),
-              "verify_tree: parents must satisfy 0 <= parents[b, i] < i for i >= 1");
-  TORCH_CHECK(((candidates >= 0) & (candidates < V)).all().item<bool>(), "verify_tree: candidates must lie in [0, ",
-              V, ")");
+  TORCH_CHECK_VALUE(((later_parents >= 0) & (later_parents < node_index)).all().item<bool>(),
+                    "verify_tree: parents must satisfy 0 <= parents[b, i] < i for i >= 1");
+  TORCH_CHECK_VALUE(((candidates >= 0) & (candidates < V)).all().item<bool>(),
+                    "verify_tree: candidates (verify_chain's draft_tokens) must lie in [0, ", V, ")");
   if (uniforms)
-    TORCH_CHECK(((*uniforms >= 0) & (*uniforms < 1)).all().item<bool>(), "verify_tree: uniforms must lie in [0, 1)");
+    TORCH_CHECK_VALUE(((*uniforms >= 0) & (*uniforms < 1)).all().item<bool>(),
+                      "verify_tree: uniforms must lie in [0, 1)");
 }
 
 }  // namespace lightning_spec

@@ -69,12 +69,20 @@ def _walk_row(candidates, parents, target, draft, uniforms, greedy):
         node = chosen
 
 
+def probability_sum_tolerance(dtype: torch.dtype, V: int) -> float:
+    """How far a row of ``dtype`` probabilities over V tokens may sum from 1 (csrc/verify_checks.h): 1e-3, plus the
+    dtype's rounding of each probability (2 eps over the row) and half its smallest subnormal per token."""
+    info = torch.finfo(dtype)
+    return 1e-3 + 2 * info.eps + V * info.eps * info.smallest_normal / 2
+
+
 def _check_probabilities(probs: torch.Tensor, name: str) -> None:
     values = probs.double()
     if not bool((torch.isfinite(values) & (values >= 0)).all()):
         _fail(f"{name} has non-finite or negative values")
-    if not bool(((values.sum(-1) - 1.0).abs() <= 1e-3).all()):
-        _fail(f"{name} rows must sum to 1 (within 1e-3)")
+    tolerance = probability_sum_tolerance(probs.dtype, probs.shape[-1])
+    if not bool(((values.sum(-1) - 1.0).abs() <= tolerance).all()):
+        _fail(f"{name} rows must sum to 1 (within {tolerance:g})")
 
 
 def verify_tree_kernel(candidates, parents, target_probs, draft_probs, uniforms, greedy):
@@ -85,7 +93,7 @@ def verify_tree_kernel(candidates, parents, target_probs, draft_probs, uniforms,
     if not bool(((parents[:, 1:] >= 0) & (parents[:, 1:] < torch.arange(1, N, device=parents.device))).all()):
         _fail("parents must satisfy 0 <= parents[b, i] < i for i >= 1")
     if not bool(((candidates >= 0) & (candidates < V)).all()):
-        _fail(f"candidates must lie in [0, {V})")
+        _fail(f"candidates (verify_chain's draft_tokens) must lie in [0, {V})")
     _check_probabilities(target_probs, "target_probs")
     if draft_probs is not None:
         _check_probabilities(draft_probs, "draft_probs")
