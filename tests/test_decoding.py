@@ -86,6 +86,25 @@ def test_the_target_as_its_own_draft_accepts_everything(pair, shape):
     assert torch.equal(out.tokens, hf_greedy(target, ids, mask, 30))
     assert out.stats.acceptance_per_position == [1.0] * depth
     assert out.stats.target_calls == -(-30 // (depth + 1))  # ceil: depth + 1 tokens per call
+    # the last round's draft tokens past max_new_tokens were accepted but not emitted: they do not count
+    assert out.stats.accepted == 3 * (30 // (depth + 1) * depth + 30 % (depth + 1)) <= out.stats.new_tokens
+
+
+def test_a_path_ending_at_a_leaf_verifies_no_deeper(pair, monkeypatch):
+    """In an uneven tree a round whose accepted path ends at a leaf above the tree's depth verified nothing deeper."""
+    from lightning_spec.decoding import engine
+
+    def to_the_leaf(candidates, parents, target_probs, draft_probs, **kwargs):  # node 2: a leaf at depth 1
+        B, N = candidates.shape
+        accepted = torch.full((B, N), -1, dtype=torch.long)
+        accepted[:, 0], accepted[:, 1] = 0, 2
+        return accepted, torch.ones(B, dtype=torch.long), target_probs[:, 2].argmax(-1)
+
+    monkeypatch.setattr(engine, "verify_tree", to_the_leaf)
+    target, draft = pair
+    ids, mask = ragged_prompts()
+    s = speculative_generate(target, draft, ids, 10, attention_mask=mask, eos_token_id=[], tree=[-1, 0, 0, 1]).stats
+    assert s.position_attempts == [s.row_rounds, 0] and s.position_accepts == [s.row_rounds, 0]
 
 
 def test_rows_stop_at_eos_and_are_padded(pair):
@@ -191,6 +210,14 @@ def test_greedy_on_smollm2_equals_generate(smol_dir):
         assert torch.equal(out.tokens, expected), shape
 
 
+def test_a_tiny_temperature_samples_the_argmax(pair):
+    """T = 1e-45 divides logits into overflow unless they are shifted first: it is greedy decoding, sampled."""
+    target, draft = pair
+    ids, mask = ragged_prompts()
+    out = speculative_generate(target, draft, ids, 12, attention_mask=mask, eos_token_id=[], gamma=3, temperature=1e-45)
+    assert torch.equal(out.tokens, hf_greedy(target, ids, mask, 12))
+
+
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize(
@@ -200,6 +227,8 @@ def test_greedy_on_smollm2_equals_generate(smol_dir):
         (dict(tree=[0, 0]), "tree"),
         (dict(tree=[-1, 2, 0]), "node 1 has parent 2"),
         (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(input_ids=torch.ones(4)), "input_ids"),

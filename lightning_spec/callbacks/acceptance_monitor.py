@@ -1,6 +1,7 @@
 """AcceptanceRateMonitor: real speculative decoding of the module's draft against its target during training."""
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -54,8 +55,8 @@ class AcceptanceRateMonitor(Callback):
             raise MisconfigurationException(f"every_n_steps must be None or an integer >= 1, got {every_n_steps!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MisconfigurationException(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if not temperature >= 0 or not 0 < top_p <= 1:
-            raise MisconfigurationException(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature!r}, {top_p!r}")
+        if not 0 <= temperature < math.inf or not 0 < top_p <= 1:
+            raise MisconfigurationException(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature!r}, {top_p!r}")
         if num_prompts is not None and num_prompts < 1 or batch_size < 1:
             raise MisconfigurationException("num_prompts and batch_size must be >= 1")
         if isinstance(prompts, (list, tuple)) and len(prompts) == 0:

@@ -7,6 +7,7 @@ draft_probs (accept min(1, p/q)); trees take the draft's top-k tokens as childre
 drafts (recursive rejection without replacement). `target_generate` runs the same loop without a draft: it is
 the baseline that speedups are measured against.
 """
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
@@ -26,7 +27,7 @@ class DecodingStats:
 
     max_depth: int  # draft positions per round (gamma for a chain, the depth of a tree; 0 without a draft)
     drafted: int = 0  # draft tokens proposed
-    accepted: int = 0  # draft tokens accepted
+    accepted: int = 0  # draft tokens accepted and emitted (not those after an EOS or past max_new_tokens)
     position_attempts: List[int] = field(default_factory=list)  # [d]: rounds whose position d + 1 was verified
     position_accepts: List[int] = field(default_factory=list)  # [d]: rounds that accepted position d + 1
     target_calls: int = 0  # target forwards after the prompt (verification rounds or decode steps)
@@ -90,7 +91,9 @@ class GenerationOutput:
 
 def warp(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     """Float32 probabilities after temperature and top-p (temperature 0 keeps T = 1: only the argmax is used)."""
-    probs = torch.softmax(logits.float() / (temperature or 1.0), dim=-1)
+    logits = logits.float()
+    # shifted to <= 0 first, so that a tiny temperature sends the others to -inf (the argmax's one-hot), not to inf
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / (temperature or 1.0), dim=-1)
     if top_p < 1.0 and temperature > 0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p  # keep the smallest head with mass >= top_p
@@ -129,8 +132,8 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, temperature,
             raise ValueError("attention_mask: prompts must be left-padded (the last column must be real tokens)")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
@@ -287,22 +290,25 @@ def _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p
             counts = num_accepted.tolist()
             emitted = [path_tokens[r][1 : 1 + n] + [t] for r, (n, t) in enumerate(zip(counts, next_token.tolist()))]
             stats.drafted += live * (N - 1)
-            stats.accepted += sum(counts)
-            for n in counts:
-                for d in range(min(n + 1, stats.max_depth)):
+            for n, last in zip(counts, last_node.tolist()):
+                verified = n + 1 if layout.children[last] else n  # a path that ends at a leaf verified no deeper
+                for d in range(verified):
                     stats.position_attempts[d] += 1
                     stats.position_accepts[d] += d < n
         stats.target_calls += 1
         stats.row_rounds += live
         keep = []
         for r, tokens in enumerate(emitted):
-            row, done = rows[r], False
+            row, done, written = rows[r], False, 0
             for t in tokens:
                 out[row, produced[row]] = t
                 produced[row] += 1
+                written += 1
                 if t in eos_set or produced[row] == max_new_tokens:
                     done = True
                     break
+            if drafter is not None:  # draft tokens after an EOS or past max_new_tokens were accepted but not emitted
+                stats.accepted += min(written, counts[r])
             if not done:
                 keep.append(r)
         root = next_token

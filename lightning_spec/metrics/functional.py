@@ -7,6 +7,7 @@ logits [..., V], mask [...] bool selecting the positions that count. Each has ``
 Formulas (Leviathan et al. 2023): with per-token acceptance alpha, draft length gamma and cost ratio c,
 tokens per target call tau = (1 - alpha^(gamma+1)) / (1 - alpha), expected speedup tau / (gamma c + 1).
 """
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -36,8 +37,8 @@ def _check_logits(draft_logits: Tensor, target_logits: Tensor, mask: Optional[Te
 
 
 def _check_temperature(temperature: float, top_p: float = 1.0) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
