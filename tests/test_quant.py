@@ -239,6 +239,7 @@ def test_compiled_quantized_model_decodes_like_eager():
         (lambda w, x: quantized_linear(x[:, :0], torch.zeros(16, 0, dtype=torch.int8), torch.ones(16), None, scheme="int8"), "K = 0"),
         (lambda w, x: torch.ops.lightning_spec.quantized_linear(x[:, :0], torch.zeros(16, 0, dtype=torch.int8), torch.ones(16), None, "int8", 0, None), "K = 0"),
         (lambda w, x: quantize_weight(w, "int4", 32.0), "group_size"),
+        (lambda w, x: quantized_linear(torch.ones(1, 2**17 + 32), torch.ones(2, 2**17 + 32, dtype=torch.int8), torch.ones(2), None, scheme="w8a8"), "at most 131072"),
         (lambda w, x: quantize_weight(w, "int4_asym", 32, torch.ones(16, 4), torch.full((16, 4), 16.0)), r"\[0, 15\]"),
         (lambda w, x: dequantize_weight(*quantize_weight(w, "int4_asym", 32)[:2], torch.full((16, 4), 16, dtype=torch.uint8), scheme="int4_asym", group_size=32), r"\[0, 15\]"),
         (lambda w, x: quantize_weight(w, "int8", None, -torch.ones(16)), "scales must be positive"),

@@ -15,7 +15,9 @@ def check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size, bi
     if packed.device != x.device:
         raise ValueError(f"packed is on {packed.device} but x is on {x.device}")
     N = packed.shape[0]
-    check_packed(packed, scales, zeros, scheme, group_size, in_features=x.shape[-1])
+    K = check_packed(packed, scales, zeros, scheme, group_size, in_features=x.shape[-1])
+    if scheme == "w8a8" and K > 2**17:  # |code products| <= 2^14: K of them fit int32 accumulators up to 2^17
+        raise ValueError(f"w8a8 accumulates in int32, so K must be at most 131072, got {K}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N or bias.device != x.device):
         raise ValueError(f"bias must be [{N}] on {x.device}, got {list(bias.shape)} on {bias.device}")
 
