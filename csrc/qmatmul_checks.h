@@ -93,8 +93,8 @@ inline float exact_scale(float s, int spare_bits) {
 // w8a8's dynamic per-token activation quantization (lightning_spec.quant.numerics.quantize_activation, the int8
 // weight numerics per row): returns (codes as float [M, K], scales [M]).
 inline std::pair<at::Tensor, at::Tensor> quantize_activation_per_token(const at::Tensor& x2) {
-  const auto lo = std::get<0>(x2.aminmax(1)).clamp_max(0.f), hi = std::get<1>(x2.aminmax(1)).clamp_min(0.f);
-  const auto raw = at::maximum(-lo / 128.f, hi / 127.f).clamp_min(kTinyScale);
+  const auto [lo, hi] = x2.aminmax(1);  // min clamped to <= 0, max to >= 0, as numerics.weight_qparams
+  const auto raw = at::maximum(-lo.clamp_max(0.f) / 128.f, hi.clamp_min(0.f) / 127.f).clamp_min(kTinyScale);
   const auto cleared = (raw.view(at::kInt) & ~((1 << kInt8SpareBits) - 1)).view(at::kFloat);
   const auto scales = at::where(raw.isfinite(), cleared, raw);
   return {at::clamp(at::round(x2 / scales.unsqueeze(1)), -128, 127), scales};
