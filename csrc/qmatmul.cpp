@@ -38,7 +38,6 @@ struct Problem {
   const float* x;      // [M, K] fp32
   const int16_t* xq;   // w8a8: [M, K] activation codes
   const float* xs;     // w8a8: [M] activation scales
-  const float* xsum;   // int4 on AVX2: [M, K / group] group sums of x
   const FixedPointBlock* xfixed;  // int4 on VNNI: [M, ceil(K / 128)] blocks of x
   const void* w;       // packed
   const float* scales;
@@ -405,38 +404,32 @@ LS_AVX2 void int4_tile_avx2(const Problem& p, int64_t n, int64_t m) {
   for (int i = 0; i < NR; ++i)
     for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 gacc[NR][MR];
-    for (int i = 0; i < NR; ++i)
-      for (int r = 0; r < MR; ++r) gacc[i][r] = _mm256_setzero_ps();
+    // each code becomes its dequantized weight (c - z) * s before the product, exactly dequantize_weight's value:
+    // no zero-point correction after the sum to cancel against it, and no x * c to overflow where x * w does not
+    __m256 zero[NR], scale[NR];
+    for (int i = 0; i < NR; ++i) {
+      zero[i] = _mm256_set1_ps(kAsym ? float(p.zeros[(n + i) * groups + g]) : 8.f);
+      scale[i] = _mm256_set1_ps(p.scales[(n + i) * groups + g]);
+    }
     for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 32) {
       for (int i = 0; i < NR; ++i) {
         const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + i) * half + k / 2));
         const __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        __m256 wv[4];
+        for (int j = 0; j < 4; ++j)
+          wv[j] = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j])), zero[i]), scale[i]);
         for (int r = 0; r < MR; ++r) {
           const float* x = p.x + (m + r) * p.K + k;
-          __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(x), w0, gacc[i][r]);
-          a = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), w1, a);
-          a = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16), w2, a);
-          gacc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), w3, a);
+          __m256 a = acc[i][r];
+          for (int j = 0; j < 4; ++j) a = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j), wv[j], a);
+          acc[i][r] = a;
         }
       }
     }
-    for (int i = 0; i < NR; ++i) {
-      const __m256 sv = _mm256_set1_ps(p.scales[(n + i) * groups + g]);
-      for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_fmadd_ps(gacc[i][r], sv, acc[i][r]);
-    }
   }
   for (int i = 0; i < NR; ++i)
-    for (int r = 0; r < MR; ++r) {
-      float zero = 0.f;
-      for (int64_t g = 0; g < groups; ++g)
-        zero += p.scales[(n + i) * groups + g] * (kAsym ? float(p.zeros[(n + i) * groups + g]) : 8.f) * p.xsum[(m + r) * groups + g];
-      p.y[(m + r) * p.N + n + i] = hsum8(acc[i][r]) - zero;
-    }
+    for (int r = 0; r < MR; ++r) p.y[(m + r) * p.N + n + i] = hsum8(acc[i][r]);
 }
 
 template <int NR, int MR>
@@ -587,7 +580,13 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const auto w = packed.contiguous();
   const auto s = scales.contiguous();
   const auto z = zeros ? zeros->contiguous() : at::Tensor();
-  Problem p{x_float.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, w.data_ptr(), s.data_ptr<float>(),
+  if (z.defined()) {  // the numerics' zero points are 0..15, and the VNNI path's int32 lane sums hold z * sum(x) only for those
+    const uint8_t* zp = z.data_ptr<uint8_t>();
+    uint8_t bits = 0;
+    for (int64_t i = 0; i < z.numel(); ++i) bits |= zp[i];
+    TORCH_CHECK_VALUE(bits < 16, "quantized_linear: int4_asym zeros must be integers in [0, 15]");
+  }
+  Problem p{x_float.data_ptr<float>(), nullptr, nullptr, nullptr, w.data_ptr(), s.data_ptr<float>(),
             z.defined() ? z.data_ptr<uint8_t>() : nullptr, nullptr, M, N, K, grouped ? group_size : K};
 
   at::Tensor xq16, xs;
@@ -603,14 +602,6 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
 
   const bool stream = M > 0 && M <= kStreamRows;
   Isa isa = select_isa();
-  std::vector<float> xsum;
-  if (stream && grouped && isa == Isa::kAvx2) {
-    xsum.assign(M * (K / group_size), 0.f);
-    for (int64_t i = 0; i < M * K; ++i) xsum[i / group_size] += p.x[i];
-    p.xsum = xsum.data();
-    // Its zero-point correction would turn an inf in x into inf - inf: plain C++ keeps float64's infs.
-    if (!std::all_of(xsum.begin(), xsum.end(), [](float v) { return std::isfinite(v); })) isa = Isa::kGeneric;
-  }
 #ifdef LS_X86
   std::unique_ptr<FixedPointBlock[]> xfixed;  // uninitialized: to_fixed_point writes every byte the kernel reads
   if (stream && grouped && isa == Isa::kAvx512Vnni && M <= kFixedPointRows) {

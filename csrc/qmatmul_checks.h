@@ -48,9 +48,9 @@ inline std::tuple<Scheme, int64_t, int64_t> check_quantized_linear_args(
   TORCH_CHECK_VALUE(x.size(-1) == K, "quantized_linear: x has ", x.size(-1),
                     " input features, the packed weight has K = ", K);
   TORCH_CHECK_VALUE(K > 0, "quantized_linear: packed has no input features (K = 0)");
-  // |code products| <= 128 * 128: K of them fit w8a8's int32 accumulators up to 2^31 / 2^14
-  TORCH_CHECK_VALUE(scheme != Scheme::kW8A8 || K <= (int64_t{1} << 17), "quantized_linear: w8a8 accumulates in int32, ",
-                    "so K must be at most 131072, got ", K);
+  // |code products| <= 128 * 128 = 2^14: K of them fit w8a8's int32 accumulators while K * 2^14 < 2^31
+  TORCH_CHECK_VALUE(scheme != Scheme::kW8A8 || K < (int64_t{1} << 17), "quantized_linear: w8a8 accumulates in int32, ",
+                    "so K must be at most 131071, got ", K);
   if (grouped) {
     TORCH_CHECK_VALUE(group_size == 32 || group_size == 64 || group_size == 128,
                       "quantized_linear: group_size must be 32, 64 or 128 for ", scheme_name, ", got ",
@@ -71,8 +71,9 @@ inline std::tuple<Scheme, int64_t, int64_t> check_quantized_linear_args(
     TORCH_CHECK_VALUE(!zeros.has_value(), "quantized_linear: ", scheme_name, " is symmetric; zeros must be None");
   }
   if (bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N && bias->device() == x.device(),
-                      "quantized_linear: bias must be [", N, "] on x's device, got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N && bias->device() == x.device() && bias->is_floating_point(),
+                      "quantized_linear: bias must be a floating-point [", N, "] on x's device, got ", bias->scalar_type(),
+                      " ", bias->sizes());
   }
   return {scheme, N, K};
 }

@@ -153,6 +153,25 @@ def test_int4_non_finite_x_is_not_hidden(isa):
     assert quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=32)[1].isnan().all()
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int4_asym"])
+def test_int4_float_paths_hold_outliers_and_huge_inputs(isa, scheme):
+    """The float int4 kernels multiply x by each weight's dequantized value (c - z) * s, as float64 does: an input
+    near float32's limit does not overflow, an outlier does not cancel against a zero-point correction, and an
+    all-zero channel gives exactly 0. (VNNI's fixed-point rows, M <= 2: test_int4_fixed_point_error_is_bounded.)"""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 256, generator=g) * 0.05
+    w[5] = 0
+    packed, scales, zeros = quantize_weight(w, scheme, 32)
+    weight = dequantize_weight(packed, scales, zeros, scheme=scheme, group_size=32).double()
+    x = torch.randn(3, 256, generator=g)
+    x[0, 10], x[1, 40] = 3e37, 1e5
+    fixed_point_rows = torch.ops.lightning_spec.qmatmul_cpu_isa() == "avx512_vnni"
+    for rows in [x] if fixed_point_rows else [x, x[:1], x[1:2]]:
+        got = quantized_linear(rows, packed, scales, zeros, scheme=scheme, group_size=32).double()
+        assert got.isfinite().all() and (got[:, 5] == 0).all()
+        assert ((got - rows.double() @ weight.T).abs() <= 1e-5 * rows.double().abs() @ weight.abs().T).all()
+
+
 @pytest.mark.parametrize("scheme,group", SCHEMES)
 def test_quantized_linear_module(tmp_path, scheme, group):
     linear = torch.nn.Linear(128, 40)
@@ -192,13 +211,21 @@ def test_quantize_model_report_and_patterns():
     assert only_mlp["quantized"] and all(".mlp." in n for n in only_mlp["quantized"])
 
 
-def test_quantized_model_compiles():
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4_asym", 32), ("w8a8", None)])
+def test_quantized_model_compiles(scheme, group):
     model = tiny_llama()
-    quantize_model(model, "int4", 32)
-    compiled = torch.compile(model.model.layers[0].mlp, fullgraph=True, backend="aot_eager")
+    quantize_model(model, scheme, group)
+    mlp = model.model.layers[0].mlp
+    compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
     x = torch.randn(1, 3, 64)
     with torch.no_grad():
-        assert torch.allclose(compiled(x), model.model.layers[0].mlp(x))
+        assert torch.allclose(compiled(x), mlp(x))
+    x.requires_grad_()  # the backward (grad @ the dequantized weight) traces too: no data-dependent checks in it
+    compiled(x).sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    mlp(x).sum().backward()
+    torch.testing.assert_close(grad, x.grad)
 
 
 def test_bad_input_is_named_under_compile_too():
@@ -239,7 +266,12 @@ def test_compiled_quantized_model_decodes_like_eager():
         (lambda w, x: quantized_linear(x[:, :0], torch.zeros(16, 0, dtype=torch.int8), torch.ones(16), None, scheme="int8"), "K = 0"),
         (lambda w, x: torch.ops.lightning_spec.quantized_linear(x[:, :0], torch.zeros(16, 0, dtype=torch.int8), torch.ones(16), None, "int8", 0, None), "K = 0"),
         (lambda w, x: quantize_weight(w, "int4", 32.0), "group_size"),
-        (lambda w, x: quantized_linear(torch.ones(1, 2**17 + 32), torch.ones(2, 2**17 + 32, dtype=torch.int8), torch.ones(2), None, scheme="w8a8"), "at most 131072"),
+        (lambda w, x: quantized_linear(torch.ones(1, 2**17), torch.ones(2, 2**17, dtype=torch.int8), torch.ones(2), None, scheme="w8a8"), "at most 131071"),
+        (lambda w, x: quantized_linear(x, *quantize_weight(w, "int4_asym", 32)[:2], torch.full((16, 4), 16, dtype=torch.uint8), scheme="int4_asym", group_size=32), r"\[0, 15\]"),
+        (lambda w, x: quantized_linear(x, *quantize_weight(w, "int8"), scheme="int8", bias=torch.zeros(16, dtype=torch.long)), "floating-point"),
+        (lambda w, x: quantize_weight(w.index_fill(1, torch.tensor([3]), float("nan")), "int4", 32), "inf or NaN"),
+        (lambda w, x: quantize_weight(torch.cat([w[:, :1] * 0 + 3e38, w[:, :1] * 0 - 3e38, w[:, 2:]], 1), "int4_asym", 32), "overflows"),
+        (lambda w, x: quantize_weight(w, "int4", 32, torch.ones(4, 16)), r"scales must be \[16, 4\]"),
         (lambda w, x: quantize_weight(w, "int4_asym", 32, torch.ones(16, 4), torch.full((16, 4), 16.0)), r"\[0, 15\]"),
         (lambda w, x: dequantize_weight(*quantize_weight(w, "int4_asym", 32)[:2], torch.full((16, 4), 16, dtype=torch.uint8), scheme="int4_asym", group_size=32), r"\[0, 15\]"),
         (lambda w, x: quantize_weight(w, "int8", None, -torch.ones(16)), "scales must be positive"),
@@ -250,6 +282,24 @@ def test_bad_input_is_named(call, match):
     w, x = torch.randn(16, 128), torch.randn(2, 128)
     with pytest.raises(ValueError, match=match):
         call(w, x)
+
+
+def test_quantize_model_selects_by_scope_and_shares_and_skips_attention_projections():
+    """A pattern naming a module selects the layers under it; the default exclude may match nothing; a layer under two
+    names becomes one QuantizedLinear under both; nn.MultiheadAttention reads its projections' weights, so they stay."""
+    report = quantize_model(model := tiny_llama(), "int8", None, exclude=["lm_head", "model.layers.0"])
+    assert report["quantized"] and all(n.startswith("model.layers.1.") for n in report["quantized"])
+    assert len(quantize_model(tiny_llama(), "int8", None, include=["model.layers.0"], exclude=())["quantized"]) == 7
+    shared = torch.nn.Linear(32, 32)
+    net = torch.nn.ModuleDict({"a": shared, "b": shared, "attn": torch.nn.MultiheadAttention(32, 4, batch_first=True)})
+    report = quantize_model(net, "int8", None)  # no lm_head here
+    assert report["quantized"] == ["a", "b"] and net["a"] is net["b"] and isinstance(net["a"], QuantizedLinear)
+    assert report["skipped"] == ["attn.out_proj"] and type(net["attn"].out_proj) is not QuantizedLinear
+    x = torch.randn(1, 3, 32)
+    net["attn"](x, x, x)
+    with pytest.raises(ValueError, match="matches no module"):
+        quantize_model(tiny_llama(), "int8", None, exclude=["lm_haed"])
+    prepare_qat(torch.nn.Sequential(torch.nn.Linear(32, 32)), "int8", None)  # default excludes, none of them present
 
 
 def test_quantize_model_checks_every_layer_before_swapping_any():
@@ -275,6 +325,11 @@ def test_gradients_flow_to_x_and_bias(scheme, group):
     torch.testing.assert_close(bias.grad, grad.sum((0, 1)))
     with pytest.raises(RuntimeError, match="no gradient for scales"):
         quantized_linear(x, packed, scales.requires_grad_(), zeros, scheme=scheme, group_size=group).sum().backward()
+    linear = torch.nn.Linear(128, 40)  # a Parameter's quantization is a constant: the gradient reaches x and bias only
+    packed, scales, zeros = quantize_weight(linear.weight, scheme, group)
+    assert not scales.requires_grad
+    quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group, bias=linear.bias).sum().backward()
+    assert linear.bias.grad is not None and linear.weight.grad is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_spec.callbacks.export_hf import trained_model
-from lightning_spec.quant.fake import FROZEN, OBSERVE, OFF, PHASES, FakeQuantLinear, convert, prepare_qat
+from lightning_spec.quant.fake import DEFAULT_EXCLUDE, FROZEN, OBSERVE, OFF, PHASES, FakeQuantLinear, convert, prepare_qat
 from lightning_spec.quant.numerics import GROUP_SIZES
 
 
@@ -43,7 +43,7 @@ class QATScheduler(Callback):
         group_size: Optional[int] = 32,
         activation: Optional[str] = None,
         include: Optional[Sequence[str]] = None,
-        exclude: Sequence[str] = ("lm_head", "embed"),
+        exclude: Sequence[str] = DEFAULT_EXCLUDE,
         start_step: int = 0,
         freeze_step: Optional[int] = None,
         learn_scales: bool = False,

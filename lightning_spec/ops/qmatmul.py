@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from lightning_spec.ops import _extension  # noqa: F401  (registers torch.ops.lightning_spec)
-from lightning_spec.quant.numerics import check_packed, dequantize_weight
+from lightning_spec.quant.numerics import check_packed, dequantize_checked
 
 
 def check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size, bias) -> None:
@@ -16,10 +16,10 @@ def check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size, bi
         raise ValueError(f"packed is on {packed.device} but x is on {x.device}")
     N = packed.shape[0]
     K = check_packed(packed, scales, zeros, scheme, group_size, in_features=x.shape[-1])
-    if scheme == "w8a8" and K > 2**17:  # |code products| <= 2^14: K of them fit int32 accumulators up to 2^17
-        raise ValueError(f"w8a8 accumulates in int32, so K must be at most 131072, got {K}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N or bias.device != x.device):
-        raise ValueError(f"bias must be [{N}] on {x.device}, got {list(bias.shape)} on {bias.device}")
+    if scheme == "w8a8" and K >= 2**17:  # |code products| <= 2^14: K of them fit int32 accumulators while K < 2^17
+        raise ValueError(f"w8a8 accumulates in int32, so K must be at most 131071, got {K}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N or bias.device != x.device or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a floating-point [{N}] on {x.device}, got {bias.dtype} {list(bias.shape)} on {bias.device}")
 
 
 def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor] = None, *, scheme: str,
@@ -29,7 +29,8 @@ def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[
     "w8a8" also quantizes x per token (int8 codes, int32 accumulation). Compiled kernels stream the packed
     weight for small batches (decode, verification) and dequantize once for large ones. On AVX-512 VNNI, int4 with
     one or two rows reads x in 22-bit block fixed point (each input within 2^-22 of its 32-input chunk's largest
-    |x|, about float32's own rounding), to multiply nibbles with VNNI's exact int8 dot products.
+    |x|, about float32's own rounding unless an outlier dwarfs the rest of its chunk), to multiply nibbles with VNNI's
+exact int8 dot products.
 
     Differentiable in ``x`` (grad @ the dequantized weight; straight through w8a8's activation rounding) and ``bias``,
     e.g. for adapters trained over a frozen quantized model; the packed weight and its scales are constants.
@@ -61,7 +62,7 @@ def _backward(ctx, grad):
     packed, scales, zeros = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = dequantize_weight(packed, scales, zeros, scheme=ctx.scheme, group_size=ctx.group_size)
+        weight = dequantize_checked(packed, scales, zeros, ctx.scheme, ctx.group_size)  # checked by the forward
         grad_x = (grad.float() @ weight).to(ctx.x_dtype)
     if ctx.needs_input_grad[6]:
         grad_bias = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)

@@ -19,6 +19,7 @@ from lightning_spec.quant.numerics import _TINY, check_activation, check_scheme,
 
 OFF, OBSERVE, FROZEN = 0, 1, 2
 PHASES = ("off", "observe", "frozen")
+DEFAULT_EXCLUDE = ("lm_head", "embed")  # may match nothing (a model without them); a pattern given must match
 
 
 class FakeQuantLinear(nn.Linear):
@@ -117,7 +118,7 @@ class FakeQuantLinear(nn.Linear):
 
 
 def prepare_qat(model: nn.Module, weight: str = "int4", group_size: Optional[int] = 32, activation: Optional[str] = None,
-                include: Optional[Sequence[str]] = None, exclude: Sequence[str] = ("lm_head", "embed"),
+                include: Optional[Sequence[str]] = None, exclude: Sequence[str] = DEFAULT_EXCLUDE,
                 learn_scales: bool = False, phase: int = OFF) -> List[FakeQuantLinear]:
     """Swap the selected nn.Linear layers of ``model`` for FakeQuantLinear in ``phase``, in place; layers already
     swapped are kept as they are (a second fit or a validate after fit). Returns every FakeQuantLinear.
@@ -126,17 +127,20 @@ def prepare_qat(model: nn.Module, weight: str = "int4", group_size: Optional[int
     """
     if weight not in ("int8", "int4", "int4_asym"):
         raise ValueError(f"weight must be 'int8', 'int4' or 'int4_asym', got {weight!r}")
-    chosen = select_linears(model, include, exclude, kind=(nn.Linear,))
+    chosen = select_linears(model, include, exclude, kind=(nn.Linear,), default_exclude=DEFAULT_EXCLUDE)
     fresh = [n for n in chosen if not isinstance(model.get_submodule(n), FakeQuantLinear)]
     for name in fresh:
         linear = model.get_submodule(name)
         if weight.startswith("int4") and linear.in_features % group_size:
             raise ValueError(f"group_size {group_size} does not divide in_features {linear.in_features} of layer {name!r}")
+    swapped: Dict[int, FakeQuantLinear] = {}  # one FakeQuantLinear per layer, under each of its names
     for name in fresh:
-        layer = FakeQuantLinear.from_linear(model.get_submodule(name), weight=weight, group_size=group_size,
-                                            activation=activation, learn_scales=learn_scales)
-        layer.set_phase(phase)
-        swap_module(model, name, layer)
+        linear = model.get_submodule(name)
+        if id(linear) not in swapped:
+            swapped[id(linear)] = FakeQuantLinear.from_linear(linear, weight=weight, group_size=group_size,
+                                                              activation=activation, learn_scales=learn_scales)
+            swapped[id(linear)].set_phase(phase)
+        swap_module(model, name, swapped[id(linear)])
     return fake_quant_layers(model)
 
 

@@ -93,25 +93,38 @@ class QuantizedLinear(nn.Module):
 
 
 def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
-    """A pattern matches a module name by glob (``"*.q_proj"``, ``"model.layers.0.*"``) or as the start of a dotted
-    component (``"lm_head"``, ``"mlp"``, ``"embed"`` for ``embed_tokens``)."""
+    """A pattern matches a module name, or the name of a module above it, by glob (``"*.q_proj"``,
+    ``"model.layers.0"``) or as the start of a dotted component (``"lm_head"``, ``"mlp"``, ``"embed"`` for
+    ``embed_tokens``)."""
+    parts = name.split(".")
+    scopes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return bool(patterns) and any(
-        fnmatch.fnmatch(name, p) or any(part.startswith(p) for part in name.split(".")) for p in patterns
+        any(fnmatch.fnmatch(scope, p) for scope in scopes) or any(part.startswith(p) for part in parts) for p in patterns
     )
 
 
-def select_linears(model: nn.Module, include: Optional[Sequence[str]], exclude: Sequence[str], kind=nn.Linear) -> List[str]:
-    """Names of the ``kind`` modules that ``include`` (None: all) and not ``exclude`` select; errors for an include
-    pattern that matches no such layer and an exclude pattern that matches no module at all."""
+def select_linears(model: nn.Module, include: Optional[Sequence[str]], exclude: Sequence[str], kind=nn.Linear,
+                   default_exclude: Sequence[str] = ()) -> List[str]:
+    """Names of the ``kind`` modules that ``include`` (None: all) and not ``exclude`` select, every name of a layer
+    registered under several (selected when all of them are). Errors for an include pattern that selects no such
+    layer and an exclude pattern, other than one of ``default_exclude``, that matches no module at all. The
+    projections of nn.MultiheadAttention are never selected: it reads their weights instead of calling them."""
     include, exclude = ([p] if isinstance(p, str) else p for p in (include, exclude))  # one pattern, not its letters
-    modules = dict(model.named_modules())
-    names = [n for n, m in modules.items() if isinstance(m, kind)]
-    for label, patterns, pool in (("include", include, names), ("exclude", exclude, list(modules))):
+    named = list(model.named_modules(remove_duplicate=False))
+    inside_attention = {id(c) for _, m in named if isinstance(m, nn.MultiheadAttention) for c in m.children()}
+    names = [n for n, m in named if isinstance(m, kind) and id(m) not in inside_attention]
+    for label, patterns, pool in (("include", include, names), ("exclude", exclude, [n for n, _ in named])):
         for p in patterns or ():
+            if label == "exclude" and p in default_exclude:
+                continue
             if not any(_matches(n, [p]) for n in pool):
                 raise ValueError(f"{label} pattern {p!r} matches no {'nn.Linear' if label == 'include' else 'module'} in the "
                                  f"model (it has e.g. {names[:3]})")
-    return [n for n in names if (include is None or _matches(n, include)) and not _matches(n, exclude)]
+    aliases: Dict[int, List[str]] = {}
+    for n, m in named:
+        aliases.setdefault(id(m), []).append(n)
+    selected = {n for n in names if (include is None or _matches(n, include)) and not _matches(n, exclude)}
+    return [n for n in names if all(a in selected for a in aliases[id(model.get_submodule(n))])]
 
 
 def quantize_model(model: nn.Module, scheme: str = "int4", group_size: Optional[int] = 32,
@@ -119,6 +132,8 @@ def quantize_model(model: nn.Module, scheme: str = "int4", group_size: Optional[
                    activation: Optional[str] = None) -> Dict[str, object]:
     """Swap every selected nn.Linear for a QuantizedLinear (post-training quantization) in place; returns a report.
 
+    Patterns match module names or the names above them (see select_linears); the default ``exclude`` may match
+    nothing (a model without ``lm_head``), a pattern given that matches nothing is an error.
     The report: ``{"scheme", "group_size", "quantized": [names], "skipped": [names], "bytes_before", "bytes_after"}``
     (weights only; the bytes count packed codes, scales and zero points). An lm_head tied to the input embeddings can
     be quantized (``exclude=()``): the embedding keeps its float weight, only the head's matmul goes low-bit.
@@ -126,21 +141,23 @@ def quantize_model(model: nn.Module, scheme: str = "int4", group_size: Optional[
     group_size = group_size if scheme.startswith("int4") else None
     check_scheme(scheme, group_size)
     check_activation(scheme, activation)
-    chosen = select_linears(model, include, exclude)
+    chosen = select_linears(model, include, exclude, default_exclude=("lm_head",))
     for name in chosen:  # every layer checked before any is swapped: an error leaves the model as it was
         check_scheme(scheme, group_size, model.get_submodule(name).in_features, where=name)
     report = {"scheme": scheme, "group_size": group_size, "quantized": [], "skipped": [], "bytes_before": 0, "bytes_after": 0}
-    for name, module in list(model.named_modules()):
+    swapped: Dict[int, QuantizedLinear] = {}  # one QuantizedLinear per layer, under each of its names
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(module, nn.Linear):
             continue
         if name not in chosen:
             report["skipped"].append(name)
             continue
-        layer = QuantizedLinear.from_float(module, scheme, group_size, activation)
-        swap_module(model, name, layer)
+        if id(module) not in swapped:
+            layer = swapped[id(module)] = QuantizedLinear.from_float(module, scheme, group_size, activation)
+            report["bytes_before"] += module.weight.numel() * module.weight.element_size()
+            report["bytes_after"] += sum(b.numel() * b.element_size() for b in (layer.packed, layer.scales, layer.zeros) if b is not None)
+        swap_module(model, name, swapped[id(module)])
         report["quantized"].append(name)
-        report["bytes_before"] += module.weight.numel() * module.weight.element_size()
-        report["bytes_after"] += sum(b.numel() * b.element_size() for b in (layer.packed, layer.scales, layer.zeros) if b is not None)
     return report
 
 

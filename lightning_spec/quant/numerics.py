@@ -118,21 +118,28 @@ def quantize_codes(w: Tensor, scheme: str, group_size: Optional[int] = None, sca
     """Integer codes q (int32 [N, K]), scales (float32 [N] or [N, groups]) and zero points (uint8, or None), with the
     numerics' scales for ``w`` unless ``scales`` (and ``zeros``) are given (e.g. frozen or learned during QAT)."""
     _check_weight(w, scheme, group_size)
+    w = w.detach()  # codes and scales are constants: a Parameter's graph stops here
+    N, K = w.shape
+    G = K // group_size if scheme.startswith("int4") else 1
     if scales is None:
         scales, zeros = weight_qparams(w, scheme, group_size)
-    elif not bool((scales > 0).all()):
-        raise ValueError("scales must be positive")
-    elif (zeros is not None) != (scheme == "int4_asym"):
-        raise ValueError(f"zeros go with int4_asym's scales (and only with them); scheme is {scheme}")
+    else:
+        scales, zeros = scales.detach(), zeros.detach() if zeros is not None else None
+        if tuple(scales.shape) not in ((N, G), (N,) if G == 1 else (N, G)):
+            raise ValueError(f"{scheme} scales must be [{N}, {G}]{f' or [{N}]' if G == 1 else ''}, got {list(scales.shape)}")
+        if not bool((scales > 0).all()):
+            raise ValueError("scales must be positive")
+        if (zeros is not None) != (scheme == "int4_asym"):
+            raise ValueError(f"zeros go with int4_asym's scales (and only with them); scheme is {scheme}")
+        if zeros is not None and tuple(zeros.shape) != tuple(scales.shape):
+            raise ValueError(f"zeros must have the scales' shape {list(scales.shape)}, got {list(zeros.shape)}")
     if zeros is not None:
         _check_zero_points(zeros)
-    with torch.no_grad():
-        g, s, z = _grouped_qparams(w, scheme, group_size, scales, zeros)
-        q, _ = _codes(g / s, z, *qrange(scheme))
-    N = w.shape[0]
-    scales = s.reshape(N, -1)
+    g, s, z = _grouped_qparams(w, scheme, group_size, scales, zeros)
+    q, _ = _codes(g / s, z, *qrange(scheme))
+    scales = s.reshape(N, G)
     scales = scales.contiguous() if scheme.startswith("int4") else scales[:, 0].contiguous()
-    zeros = z.reshape(N, -1).to(torch.uint8) if z is not None else None
+    zeros = z.reshape(N, G).to(torch.uint8) if z is not None else None
     return q.reshape(w.shape).to(torch.int32), scales, zeros
 
 
@@ -152,8 +159,12 @@ def _unpack_nibbles(packed: Tensor) -> Tensor:
 def quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = None, scales: Optional[Tensor] = None,
                     zeros: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Quantize a [N, K] weight: returns (packed, scales, zeros), zeros None when symmetric (see the layouts above).
-    ``scales``/``zeros`` as in quantize_codes."""
+    ``scales``/``zeros`` as in quantize_codes. An inf or NaN in ``w``, or a range wider than float32 holds, is an error."""
+    if isinstance(w, Tensor) and not bool(torch.isfinite(w).all()):
+        raise ValueError("weight has inf or NaN entries: they have no quantized code")
     q, scales, zeros = quantize_codes(w, scheme, group_size, scales, zeros)
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"weight's range overflows a float32 {scheme} scale (a group spans more than 3.4e38)")
     if scheme in ("int8", "w8a8"):
         return q.to(torch.int8).contiguous(), scales, None
     return _pack_nibbles(q + 8 if scheme == "int4" else q), scales, zeros
@@ -201,10 +212,15 @@ def check_packed(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], scheme
 
 def dequantize_weight(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], *, scheme: str, group_size: Optional[int] = None) -> Tensor:
     """The float32 [N, K] weight that packed codes stand for: (q - z) * s."""
-    K = check_packed(packed, scales, zeros, scheme, group_size)
+    check_packed(packed, scales, zeros, scheme, group_size)
     if zeros is not None:
         _check_zero_points(zeros)
-    N = packed.shape[0]
+    return dequantize_checked(packed, scales, zeros, scheme, group_size)
+
+
+def dequantize_checked(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], scheme: str, group_size: Optional[int]) -> Tensor:
+    """dequantize_weight of arguments already checked (no data-dependent checks: traceable by torch.compile)."""
+    N, K = packed.shape[0], packed.shape[1] * (1 if scheme in ("int8", "w8a8") else 2)
     if scheme in ("int8", "w8a8"):
         return packed.float() * scales[:, None]
     q = _unpack_nibbles(packed).float() - (8 if scheme == "int4" else 0)
