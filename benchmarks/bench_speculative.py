@@ -27,7 +27,7 @@ import torch
 from lightning_spec import load_causal_lm
 from lightning_spec.data import prompt_ids, read_records, record_kind
 from lightning_spec.quant import quantize_model
-from lightning_spec.decoding import speculative_generate, target_generate, topk_tree, use_small_batch_linear
+from lightning_spec.decoding import DecodingStats, speculative_generate, target_generate, topk_tree, use_small_batch_linear
 
 
 def held_out_prompts(tokenizer, n: int, val_size: int = 40, seed: int = 0):
@@ -137,7 +137,7 @@ def main():
         st = stats[name]
         accepts, attempts = sum(sum(s.position_accepts) for s in st), sum(sum(s.position_attempts) for s in st)
         alpha = accepts / attempts
-        tau = sum(s.accepted + s.row_rounds for s in st) / sum(s.row_rounds for s in st)
+        tau = DecodingStats.combine(st).tau
         line = f"{name:<28}{rate[name]:>8.1f}{rate[name] / base:>11.2f}"
         if "tree" in name:
             line += f"{'-':>8}{'-':>10}{alpha:>8.3f}{tau:>7.2f}{'-':>11}"

@@ -13,7 +13,7 @@ def data(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     draft, target = torch.randn(2, 6, 10, 32, generator=g).unbind(0)
     mask = torch.rand(6, 10, generator=g) > 0.3
-    stats = [DecodingStats(max_depth=3, accepted=a, row_rounds=r, position_accepts=[a, a // 2, a // 4], position_attempts=[r, a, a // 2])
+    stats = [DecodingStats(max_depth=3, accepted=a, row_rounds=r, new_tokens=a + r, position_accepts=[a, a // 2, a // 4], position_attempts=[r, a, a // 2])
              for a, r in [(5, 7), (9, 8), (2, 6), (11, 9)]]
     return draft, target, mask, stats
 

@@ -116,6 +116,24 @@ def test_rows_stop_at_eos_and_are_padded(pair):
     out = speculative_generate(target, draft, ids, 12, attention_mask=mask, eos_token_id=eos, gamma=3)
     assert torch.equal(out.tokens, expected)
     assert out.tokens[0, ids.shape[1] + 5 :].eq(0).all()
+    for given in (torch.tensor([eos]), torch.tensor(eos), [torch.tensor(eos)]):  # as generate() takes them
+        assert torch.equal(speculative_generate(target, draft, ids, 12, attention_mask=mask, eos_token_id=given, gamma=3).tokens, expected)
+
+
+def test_tau_counts_what_a_cut_round_emitted(pair):
+    target, _ = pair
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for n, tau in ((1, 1.0), (2, 2.0), (6, 3.0)):  # gamma 4, all accepted: rounds of 5 tokens, the last one cut
+        stats = speculative_generate(target, target, ids, n, gamma=4, eos_token_id=[]).stats
+        assert stats.tau == tau and stats.new_tokens == n
+
+
+def test_settings_the_engine_does_not_apply_are_warned_about(pair):
+    target, draft = pair
+    target = copy.deepcopy(target)
+    target.generation_config.repetition_penalty = 1.3
+    with pytest.warns(UserWarning, match="repetition_penalty=1.3"):
+        speculative_generate(target, draft, torch.tensor([[5, 6, 7, 8]]), 4)
 
 
 def test_rollback_survives_compaction(pair, monkeypatch):
@@ -226,6 +244,7 @@ def test_a_tiny_temperature_samples_the_argmax(pair):
         (dict(gamma=0), "gamma"),
         (dict(tree=[0, 0]), "tree"),
         (dict(tree=[-1, 2, 0]), "node 1 has parent 2"),
+        (dict(tree=[-1] + [0] * 513), "vocabulary has only 512"),
         (dict(temperature=-1.0), "temperature"),
         (dict(temperature=float("inf")), "temperature"),
         (dict(temperature=float("nan")), "temperature"),

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_spec.decoding import speculative_generate
+from lightning_spec.decoding import DecodingStats, speculative_generate
 from lightning_spec.metrics import (
     AcceptanceRate, ExpectedAcceptedLength, ExpectedSpeedup, KLDivergence, MeanAcceptedLength, PositionalAcceptance,
     TokenAgreement, TopKAgreement, TotalVariation,
@@ -112,7 +112,7 @@ def test_metrics_from_engine_runs():
     attempts = torch.tensor([r.position_attempts for r in runs], dtype=torch.float64).sum(0)
     assert torch.equal(positional.compute(), accepts / attempts)
     rounds = sum(r.row_rounds for r in runs)
-    assert tau.compute().item() == pytest.approx((sum(r.accepted for r in runs) + rounds) / rounds)
+    assert tau.compute().item() == pytest.approx(sum(r.new_tokens for r in runs) / rounds) == DecodingStats.combine(runs).tau
     fig, _ = positional.plot()
     assert fig is not None
     with pytest.raises(ValueError, match="gamma=2"):

@@ -422,15 +422,19 @@ BAD_INPUTS = {
     "uniforms one": ("uniforms", set_item("uniforms", (0, 0), 1.0)),
     "uniforms nan": ("uniforms", set_item("uniforms", (0, 1), float("nan"))),
 }
+NOT_TENSORS = {  # the wrappers' (the raw op's dispatcher refuses them too, with a RuntimeError naming the argument)
+    "candidates list": ("candidates", replace("candidates", lambda t: t.tolist())),
+    "target numpy": ("target_probs", replace("target_probs", lambda t: t.numpy())),
+}
 DEVICE_MISMATCH = {
     name: (name, replace(name, lambda t: t.to("meta"))) for name in ("candidates", "parents", "draft_probs", "uniforms")
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS) + sorted(DEVICE_MISMATCH))
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS) + sorted(DEVICE_MISMATCH) + sorted(NOT_TENSORS))
 def test_bad_inputs_name_the_argument(impl, case):
     verify_tree, _ = impl
-    name, mutate = {**BAD_INPUTS, **DEVICE_MISMATCH}[case]
+    name, mutate = {**BAD_INPUTS, **DEVICE_MISMATCH, **NOT_TENSORS}[case]
     args = valid_args()
     verify_tree(**args)  # the unmutated arguments are fine
     mutate(args)

@@ -9,11 +9,13 @@ the baseline that speedups are measured against.
 """
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from transformers import GenerationConfig
 
 from lightning_spec.decoding.kv import CachedLM
 from lightning_spec.decoding.tree import TreeLayout, chain
@@ -57,8 +59,9 @@ class DecodingStats:
 
     @property
     def tau(self) -> float:
-        """Mean tokens per target call and row (accepted draft tokens + the correction/bonus token)."""
-        return (self.accepted + self.row_rounds) / max(self.row_rounds, 1)
+        """Mean tokens emitted per target call and row (accepted draft tokens + the correction/bonus token; a round
+        cut short by EOS or max_new_tokens counts what it emitted)."""
+        return self.new_tokens / max(self.row_rounds, 1)
 
     @property
     def acceptance_per_position(self) -> List[float]:
@@ -138,12 +141,24 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, temperature,
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+# generation_config settings that change which token `generate` picks or when it stops, beyond what the engine takes
+# as arguments (temperature, top_p, eos_token_id, pad_token_id, max_new_tokens)
+_UNSUPPORTED_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                         "min_length", "min_new_tokens", "sequence_bias", "forced_bos_token_id", "forced_eos_token_id",
+                         "exponential_decay_length_penalty", "encoder_repetition_penalty")
+
+
 def _special_ids(model, eos_token_id, pad_token_id):
     config = model.generation_config
+    default = GenerationConfig()
+    ignored = [f"{n}={getattr(config, n)!r}" for n in _UNSUPPORTED_SETTINGS if getattr(config, n, None) != getattr(default, n, None)]
+    if ignored:
+        warnings.warn(f"the decoding engine ignores the target's generation_config {', '.join(ignored)}: its output follows "
+                      "the raw logits (so it can differ from generate())", stacklevel=5)
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos = [] if eos is None else [int(t) for t in torch.as_tensor(eos).flatten().tolist()]  # int, list or tensor
     pad = pad_token_id if pad_token_id is not None else config.pad_token_id
-    pad = pad if pad is not None else (eos[0] if eos else 0)
+    pad = int(pad) if pad is not None else (eos[0] if eos else 0)
     return eos, pad
 
 
@@ -363,6 +378,9 @@ def speculative_generate(
     """
     check_vocab_compatible(draft, target)
     layout = TreeLayout.from_parents(tree if tree is not None else chain(gamma))
+    widest, vocab = max(len(c) for c in layout.children), draft.get_output_embeddings().out_features
+    if widest > vocab:
+        raise ValueError(f"tree: a node has {widest} children but the draft's vocabulary has only {vocab} tokens")
     return _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p, generator, attention_mask, eos_token_id, pad_token_id)
 
 

@@ -65,8 +65,8 @@ class PositionalAcceptance(Metric):
 
 
 class MeanAcceptedLength(Metric):
-    """tau from real runs: tokens per target call and sequence, the correction/bonus token included (what peers
-    report as acceptance length)."""
+    """tau from real runs: tokens emitted per target call and sequence, the correction/bonus token included (what
+    peers report as acceptance length; DecodingStats.tau pooled over runs)."""
 
     is_differentiable = False
     higher_is_better = True
@@ -75,16 +75,16 @@ class MeanAcceptedLength(Metric):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self.add_state("accepted", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("rounds", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, stats: Stats) -> None:
         for s in _runs(stats):
-            self.accepted += s.accepted
+            self.tokens += s.new_tokens
             self.rounds += s.row_rounds
 
     def compute(self) -> Tensor:
-        return (self.accepted + self.rounds) / self.rounds
+        return self.tokens / self.rounds
 
     def plot(self, val=None, ax=None):
         return self._plot(val, ax)

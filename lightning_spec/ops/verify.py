@@ -21,6 +21,11 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_tensors(**arguments) -> None:
+    for name, value in arguments.items():
+        _check(value is None or isinstance(value, Tensor), f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 def _check_probs(probs: Tensor, name: str, shape: tuple, device: torch.device) -> None:
     _check(probs.dtype in PROB_DTYPES, f"{name} must be float32, float64, bfloat16 or float16, got {probs.dtype}")
     _check(tuple(probs.shape) == shape, f"{name} must have shape {list(shape)}, got {list(probs.shape)}")
@@ -46,6 +51,7 @@ def run_tree(
     kernel: TreeKernel, candidates, parents, target_probs, draft_probs=None, *, greedy=False, uniforms=None, generator=None
 ):
     """verify_tree on the given kernel (the compiled op or its reference twin)."""
+    _check_tensors(candidates=candidates, parents=parents, target_probs=target_probs, draft_probs=draft_probs, uniforms=uniforms)
     _check(target_probs.dim() == 3, f"target_probs must be [B, N, V], got {list(target_probs.shape)}")
     B, N, V = target_probs.shape
     device = target_probs.device
@@ -66,6 +72,7 @@ def run_chain(
     kernel: TreeKernel, draft_tokens, target_probs, draft_probs=None, *, greedy=False, uniforms=None, generator=None
 ):
     """verify_chain on the given kernel: the tree with parents [-1, 0, 1, ...], node i + 1 = draft token i."""
+    _check_tensors(draft_tokens=draft_tokens, target_probs=target_probs, draft_probs=draft_probs, uniforms=uniforms)
     _check(draft_tokens.dim() == 2, f"draft_tokens must be [B, S], got {list(draft_tokens.shape)}")
     B, S = draft_tokens.shape
     _check(target_probs.dim() == 3, f"target_probs must be [B, S + 1, V], got {list(target_probs.shape)}")
