@@ -112,6 +112,16 @@ def check_vocab_compatible(draft: PreTrainedModel, target: PreTrainedModel, draf
             raise ValueError("vocabulary mismatch: draft and target tokenizers map tokens to different ids")
 
 
+def _decoder_layers_prefix(model: PreTrainedModel) -> str:
+    """State-dict prefix of the decoder layers: ``model.layers.`` (Llama, Qwen, ...), ``transformer.h.`` (GPT-2),
+    ``model.decoder.layers.`` (OPT): the ModuleList holding num_hidden_layers modules."""
+    total = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == total:
+            return f"{name}."
+    raise ValueError(f"build_draft: found no list of the {total} decoder layers in {type(model).__name__}")
+
+
 def build_draft(
     target: PreTrainedModel,
     layers: Optional[Sequence[int]] = None,
@@ -144,12 +154,16 @@ def build_draft(
         layers = list(layers)
         if not layers or any(not 0 <= i < total for i in layers):
             raise ValueError(f"layers must be a non-empty list of indices in 0..{total - 1}, got {layers}")
-        overrides = {"num_hidden_layers": len(layers)}
-    else:
-        overrides = dict(config)
     fields = target.config.to_dict()
     fields.pop("quantization_config", None)
-    fields.update(overrides)
+    if layers is not None:
+        fields["num_hidden_layers"] = len(layers)
+        if fields.get("layer_types") is not None:  # per-layer attention kinds (sliding / full) follow their layers
+            fields["layer_types"] = [fields["layer_types"][i] for i in layers]
+    else:
+        if "num_hidden_layers" in config and "layer_types" not in config:
+            fields.pop("layer_types", None)  # let the config derive them for the new depth
+        fields.update(config)
     draft_config = AutoConfig.for_model(**fields)
     draft = AutoModelForCausalLM.from_config(draft_config, dtype=target.dtype)
     if init == "copy":
@@ -157,7 +171,7 @@ def build_draft(
             raise ValueError("init='copy' needs layers= or num_layers= (a config= draft has no layers to copy)")
         source = target.state_dict()
         state = {}
-        prefix = f"{target.base_model_prefix}.layers."
+        prefix = _decoder_layers_prefix(target)
         for key, value in source.items():
             if key.startswith(prefix):
                 index, rest = key[len(prefix):].split(".", 1)

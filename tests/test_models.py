@@ -65,6 +65,40 @@ def test_build_draft_with_all_layers_reproduces_the_target(tiny_target):
     torch.testing.assert_close(draft(ids).logits, tiny_target(ids).logits)
 
 
+@pytest.mark.parametrize("family,fields", [
+    ("gpt2", dict(n_embd=32, n_layer=3, n_head=4)),  # transformer.h.<i>
+    ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4, word_embed_proj_dim=32)),  # model.decoder.layers.<i>
+    ("qwen2", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)),
+])
+def test_build_draft_finds_the_decoder_layers_of_other_families(family, fields):
+    """A draft of layers [0, 2] of a 3-layer target computes what the target computes with layer 1 skipped."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    target = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=96, **fields)).eval()
+    draft = build_draft(target, layers=[0, 2]).eval()
+    layers = next(m for m in target.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == 3)
+    ids = torch.randint(96, (1, 6))
+    with torch.no_grad():
+        got = draft(ids).logits
+        del layers[1]  # the kept layers keep their layer_idx, so run the cut target without a KV cache
+        torch.testing.assert_close(got, target(ids, use_cache=False).logits)
+
+
+def test_build_draft_keeps_the_attention_kind_of_each_kept_layer():
+    """layer_types (sliding / full attention per layer) follow the kept layers; a new depth derives its own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen2", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                  sliding_window=4, max_window_layers=1)
+    target = AutoModelForCausalLM.from_config(config)
+    assert build_draft(target, layers=[0, 2]).config.layer_types == ["full_attention", "sliding_attention"]
+    assert build_draft(target, layers=[2, 0]).config.layer_types == ["sliding_attention", "full_attention"]
+    deeper = build_draft(target, config={"num_hidden_layers": 5}, init="random")
+    assert deeper.config.layer_types == ["full_attention"] + ["sliding_attention"] * 4
+
+
 def test_build_draft_random_init_differs(tiny_target):
     draft = build_draft(tiny_target, num_layers=2, init="random")
     assert not torch.equal(layer_params(draft, 0)["self_attn.q_proj.weight"], layer_params(tiny_target, 0)["self_attn.q_proj.weight"])
