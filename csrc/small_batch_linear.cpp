@@ -136,8 +136,10 @@ at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (M > 0 && N > 0) {
     const Isa isa = select_isa();
     const int64_t tiles = (N + 3) / 4;
-    // A thread per ~512K multiply-adds at least: waking a second thread costs more than a small layer's product.
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / (4 * std::max<int64_t>(K, 1) * M));
+    // A thread per ~64K multiply-adds at least: below that, waking a second thread costs more than it saves. (2^19
+    // suited an AMD EPYC; on the AMX Xeon it left SmolLM2's 576-row projections on one core, and a decode step took
+    // 65.0 ms where 2^16 takes 56.8.)
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (4 * std::max<int64_t>(K, 1) * M));
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       const int64_t n0 = t0 * 4, n1 = std::min(N, t1 * 4);
 #ifdef LS_X86
