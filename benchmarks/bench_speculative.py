@@ -8,7 +8,7 @@ Leviathan et al.'s formula predicts from them, (1 - a^(g+1)) / ((1 - a)(g c + 1)
 Median over repeats; tokens/s include the prompt's prefill.
 
     make demo   # exports artifacts/smollm2_draft
-    python benchmarks/bench_speculative.py [--draft artifacts/smollm2_draft] [--gammas 1 2 3] [--tree 2 2 1]
+    python benchmarks/bench_speculative.py [--draft artifacts/smollm2_draft] [--gammas 1 2 3] [--trees 4 2,2,1]
         [--draft-scheme int8|int4] [--stock-linear]
 
 Both models run on SmallBatchLinear (use_small_batch_linear) in every run unless --stock-linear; --draft-scheme
@@ -79,7 +79,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--tree", type=int, nargs="*", default=[2, 2, 1], help="top-k branching per depth; empty: no tree")
+    parser.add_argument("--trees", nargs="*", default=["4", "2,2,1"], help="static trees, each its top-k branching per depth (e.g. 2,2,1)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--draft-scheme", choices=["int8", "int4"], help="quantize the draft (head included) with quantize_model")
     parser.add_argument("--stock-linear", action="store_true", help="keep nn.Linear (default: SmallBatchLinear in both models, for every run)")
@@ -101,8 +101,9 @@ def main():
         runs[f"speculative g={g}"] = engine(speculative_generate, target, draft, gamma=g)
         runs[f"HF assisted g={g}"] = hf_assisted(target, draft, g)
         runs[f"HF stock g={g}"] = hf_assisted(stock_target, stock_draft, g)
-    if args.tree:
-        runs[f"speculative tree {args.tree}"] = engine(speculative_generate, target, draft, tree=topk_tree(args.tree))
+    for tree in args.trees:
+        branching = [int(k) for k in tree.split(",")]
+        runs[f"speculative tree {branching}"] = engine(speculative_generate, target, draft, tree=topk_tree(branching))
 
     timed(runs["target_generate"], prompts[:1], 8)  # warm-up
     rates = {name: [] for name in runs}
