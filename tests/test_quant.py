@@ -188,6 +188,17 @@ def test_quantized_linear_module(tmp_path, scheme, group):
     assert all(k in layer.state_dict() for k in ("packed", "scales", "bias"))
 
 
+@pytest.mark.parametrize("saved,loaded", [
+    (dict(scheme="int8"), dict(scheme="w8a8")),  # the same buffers, other numerics
+    (dict(scheme="w8a8"), dict(scheme="int8")),
+    (dict(scheme="int4", group_size=32), dict(scheme="int4", group_size=32, activation="int8")),
+])
+def test_state_dict_of_another_scheme_is_refused(saved, loaded):
+    state = QuantizedLinear.from_float(torch.nn.Linear(64, 8), **saved).state_dict()
+    with pytest.raises(ValueError, match="state_dict holds a layer quantized as"):
+        QuantizedLinear(64, 8, **loaded).load_state_dict(state)
+
+
 def tiny_llama():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

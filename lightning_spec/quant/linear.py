@@ -69,6 +69,17 @@ class QuantizedLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         return apply_keeping_float32(self, super()._apply, fn, recurse, ("scales",))
 
+    def get_extra_state(self) -> dict:
+        # int8 and w8a8 (and int4 with or without int8 activations) pack into buffers of the same shapes: the
+        # state_dict names its numerics so that a load into a layer of another scheme fails instead of computing
+        # something else
+        return {"scheme": self.scheme, "group_size": self.group_size, "activation": self.activation}
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = self.get_extra_state()
+        if state != mine:
+            raise ValueError(f"QuantizedLinear: the state_dict holds a layer quantized as {state}, this layer is {mine}")
+
     def dequantized_weight(self) -> Tensor:
         return dequantize_weight(self.packed, self.scales, self.zeros, scheme=self.scheme, group_size=self.group_size)
 
