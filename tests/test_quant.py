@@ -308,6 +308,10 @@ def test_quantize_model_selects_by_scope_and_shares_and_skips_attention_projecti
     assert report["skipped"] == ["attn.out_proj"] and type(net["attn"].out_proj) is not QuantizedLinear
     x = torch.randn(1, 3, 32)
     net["attn"](x, x, x)
+    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2).eval()
+    assert quantize_model(encoder, "int8", None)["quantized"] == []  # its layers read linear1/linear2.weight
+    with torch.no_grad():
+        encoder(x)
     with pytest.raises(ValueError, match="matches no module"):
         quantize_model(tiny_llama(), "int8", None, exclude=["lm_haed"])
     prepare_qat(torch.nn.Sequential(torch.nn.Linear(32, 32)), "int8", None)  # default excludes, none of them present

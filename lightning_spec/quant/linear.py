@@ -119,11 +119,13 @@ def select_linears(model: nn.Module, include: Optional[Sequence[str]], exclude: 
     """Names of the ``kind`` modules that ``include`` (None: all) and not ``exclude`` select, every name of a layer
     registered under several (selected when all of them are). Errors for an include pattern that selects no such
     layer and an exclude pattern, other than one of ``default_exclude``, that matches no module at all. The
-    projections of nn.MultiheadAttention are never selected: it reads their weights instead of calling them."""
+    linear children of nn.MultiheadAttention and nn.TransformerEncoderLayer are never selected: those read their
+    weights instead of calling them."""
     include, exclude = ([p] if isinstance(p, str) else p for p in (include, exclude))  # one pattern, not its letters
     named = list(model.named_modules(remove_duplicate=False))
-    inside_attention = {id(c) for _, m in named if isinstance(m, nn.MultiheadAttention) for c in m.children()}
-    names = [n for n, m in named if isinstance(m, kind) and id(m) not in inside_attention]
+    readers = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+    read_directly = {id(c) for _, m in named if isinstance(m, readers) for c in m.children()}
+    names = [n for n, m in named if isinstance(m, kind) and id(m) not in read_directly]
     for label, patterns, pool in (("include", include, names), ("exclude", exclude, [n for n, _ in named])):
         for p in patterns or ():
             if label == "exclude" and p in default_exclude:
