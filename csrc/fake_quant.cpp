@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -28,9 +29,13 @@ struct Group {
 };
 
 // Exactly numerics.weight_qparams from a group's min (clamped to <= 0) and max (clamped to >= 0): float32
-// arithmetic in the same order (no FMA contraction).
-void set_qparams(const Group& g, const FakeQuantParams& p, float lo, float hi) {
-  if (p.asym) {
+// arithmetic in the same order (no FMA contraction). A NaN in the group makes them NaN, as torch's amin/amax do
+// (std::min/max and the SIMD min/max skip it).
+void set_qparams(const Group& g, const FakeQuantParams& p, float lo, float hi, bool nan) {
+  if (nan) {
+    *g.scale = std::numeric_limits<float>::quiet_NaN();
+    if (p.asym) *g.zero = std::numeric_limits<float>::quiet_NaN();
+  } else if (p.asym) {
     const float s = exact_scale(std::max((hi - lo) / 15.f, kTinyScale), p.spare_bits);
     *g.scale = s;
     *g.zero = std::min(std::max(std::nearbyint(-lo / s), 0.f), 15.f);
@@ -41,11 +46,13 @@ void set_qparams(const Group& g, const FakeQuantParams& p, float lo, float hi) {
 
 void observe_group(const Group& g, const FakeQuantParams& p) {
   float lo = 0.f, hi = 0.f;
+  bool nan = false;
   for (int64_t j = 0; j < p.group; ++j) {
     lo = std::min(lo, g.x[j]);
     hi = std::max(hi, g.x[j]);
+    nan |= std::isnan(g.x[j]);
   }
-  set_qparams(g, p, lo, hi);
+  set_qparams(g, p, lo, hi, nan);
 }
 
 template <bool kAsym>
@@ -78,13 +85,15 @@ template <bool kAsym>
 LS_AVX512 void group_avx512(const Group& g, const FakeQuantParams& p, bool observe) {
   if (observe) {
     __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();  // masked-off lanes load 0: neutral here
+    __mmask16 nan = 0;
     for (int64_t j = 0; j < p.group; j += 16) {
       const __mmask16 m = p.group - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (p.group - j)) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(m, g.x + j);
       lo = _mm512_min_ps(lo, v);
       hi = _mm512_max_ps(hi, v);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     }
-    set_qparams(g, p, _mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+    set_qparams(g, p, _mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), nan != 0);
   }
   const __m512 s = _mm512_set1_ps(*g.scale), z = _mm512_set1_ps(kAsym ? *g.zero : 0.f);
   const __m512 qmin = _mm512_set1_ps(p.qmin), qmax = _mm512_set1_ps(p.qmax);

@@ -38,14 +38,20 @@ __global__ void fake_quantize_kernel(const float* x, float* out, bool* inside, f
   const float* xg = x + g * group;
   if (observe) {
     float lo = 0.f, hi = 0.f;  // min clamped to <= 0, max clamped to >= 0
+    bool nan = false;  // fminf/fmaxf skip a NaN, torch's amin/amax return it
     for (int64_t j = lane; j < group; j += 32) {
       lo = fminf(lo, xg[j]);
       hi = fmaxf(hi, xg[j]);
+      nan |= isnan(xg[j]);
     }
     lo = warp_min(lo);
     hi = warp_max(hi);
+    nan = __any_sync(0xffffffffu, nan);
     if (lane == 0) {
-      if (kAsym) {
+      if (nan) {
+        scale[g] = NAN;
+        if (kAsym) zero[g] = NAN;
+      } else if (kAsym) {
         const float s = exact_scale(fmaxf(__fdiv_rn(hi - lo, 15.f), kTiny), spare_bits);
         scale[g] = s;
         zero[g] = fminf(fmaxf(rintf(__fdiv_rn(-lo, s)), 0.f), 15.f);

@@ -59,6 +59,25 @@ def test_observe_matches_reference(isa, scheme, group, K, rows):
 
 
 @pytest.mark.parametrize("scheme,group,K", CASES)
+def test_observed_nan_gives_nan_qparams_like_the_reference(isa, scheme, group, K):
+    """A NaN weight (a diverged step) makes its group's scale and zero NaN, as torch's amin/amax do, on every path;
+    the SIMD min/max alone would skip it and hide the NaN behind a finite scale."""
+    x = hard_input(8, K, seed=K)
+    x[3, K - 1] = float("nan")  # in a masked tail lane where K has one
+    x[4, 0] = float("nan")
+    want_scale, want_zero = qparams(x, scheme, group)
+    want, want_inside = reference.fake_quantize(x, want_scale, want_zero, scheme=scheme, group_size=group, observe=True)
+    assert want_scale[3].isnan().any() and want_scale[4].isnan().any()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        scale, zero = qparams(x.to(device), scheme, group)
+        out, inside = fake_quantize(x.to(device), scale, zero, scheme=scheme, group_size=group, observe=True)
+        for got, expected in ((scale, want_scale), (zero, want_zero), (out, want), (inside, want_inside)):
+            if expected is not None:
+                torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("scheme,group,K", CASES)
 def test_given_scales_clip_like_the_reference(isa, scheme, group, K):
     """Scales smaller than observed (as learned ones can be) make the clamp bite: inside marks where it did not."""
     x = hard_input(16, K, seed=K)
