@@ -53,7 +53,7 @@ LS_AVX512 void tile_avx512(const Operands& p, int64_t n, int64_t m) {
   const float* next = next_tile<NR>(p, n);
   int64_t k = 0;
   for (; k + 16 <= p.K; k += 16) {
-    if (next)  // the next tile's NR x K weights, NR cache lines per step: spread over this tile's K / 16 steps
+    if (next)  // that tile's NR x K weights, NR cache lines per step: spread over this tile's K / 16 steps
       for (int i = 0; i < NR; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + k * NR + 16 * i), _MM_HINT_T1);
     __m512 xv[MR];
     for (int r = 0; r < MR; ++r) xv[r] = _mm512_loadu_ps(p.x + (m + r) * p.K + k);
