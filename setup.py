@@ -11,7 +11,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 CSRC = Path("csrc")
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]  # the C++ standard is torch's (C++20)
-sources = [str(CSRC / f) for f in ("ops.cpp", "verify.cpp", "qmatmul.cpp", "fake_quant.cpp", "small_batch_linear.cpp")]
+sources = [str(CSRC / f) for f in ("ops.cpp", "verify.cpp", "qmatmul.cpp", "qmatmul_amx.cpp", "fake_quant.cpp", "small_batch_linear.cpp")]
 
 if torch.cuda.is_available() and CUDA_HOME is not None:
     extension = CUDAExtension(

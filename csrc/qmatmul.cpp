@@ -3,13 +3,14 @@
 // Small M (decode and verification batches, M <= kStreamRows): the weight is streamed once; each tile of NR
 // output channels x MR rows keeps NR*MR accumulators, and each weight chunk is widened once for all MR rows.
 // at::parallel_for splits the output channels. Large M is compute-bound: dequantize once and let ATen's GEMM run.
-// Paths, chosen at run time (cpu_isa.h): AVX-512 (VNNI for w8a8's int16 dot, and for int4 at M <= 2 with x in
-// fixed point), AVX2+FMA, plain C++.
+// Paths, chosen at run time (cpu_isa.h): AMX for weight-only schemes at 5-16 rows (qmatmul_amx.cpp), AVX-512 (VNNI
+// for w8a8's int16 dot, and for int4 at M <= 2 with x in fixed point), AVX2+FMA, plain C++.
 #include "qmatmul.h"
 
 #include <ATen/Parallel.h>
 
 #include "cpu_isa.h"
+#include "qmatmul_amx.h"
 #include "qmatmul_checks.h"
 
 #include <algorithm>
@@ -481,7 +482,7 @@ void run_tile(const Problem& p, Scheme scheme, Isa isa, int64_t n, int64_t m) {
     case Scheme::kInt8: return int8_tile<NR, MR>(p, n, m);
     case Scheme::kInt4: return p.group == 32 ? int4_tile<NR, MR, false, 1>(p, n, m) : int4_tile<NR, MR, false, 0>(p, n, m);
     case Scheme::kInt4Asym: return p.group == 32 ? int4_tile<NR, MR, true, 1>(p, n, m) : int4_tile<NR, MR, true, 0>(p, n, m);
-    case Scheme::kW8A8: return isa == Isa::kAvx512Vnni ? w8a8_tile_vnni<NR, MR>(p, n, m) : w8a8_tile_madd<NR, MR>(p, n, m);
+    case Scheme::kW8A8: return isa >= Isa::kAvx512Vnni ? w8a8_tile_vnni<NR, MR>(p, n, m) : w8a8_tile_madd<NR, MR>(p, n, m);
   }
 }
 
@@ -558,6 +559,7 @@ at::Tensor dequantize(const Problem& p, Scheme scheme) {
 
 std::string qmatmul_cpu_isa() {
   switch (select_isa()) {
+    case Isa::kAmx: return "amx";
     case Isa::kAvx512Vnni: return "avx512_vnni";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
@@ -604,7 +606,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   Isa isa = select_isa();
 #ifdef LS_X86
   std::unique_ptr<FixedPointBlock[]> xfixed;  // uninitialized: to_fixed_point writes every byte the kernel reads
-  if (stream && grouped && isa == Isa::kAvx512Vnni && M <= kFixedPointRows) {
+  if (stream && grouped && isa >= Isa::kAvx512Vnni && M <= kFixedPointRows) {
     const int64_t blocks = (K / 32 + 3) / 4;
     xfixed.reset(new FixedPointBlock[M * blocks]);
     bool finite = true;
@@ -619,6 +621,9 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   } else {
     y = at::empty(out_shape, at::kFloat);
     p.y = y.data_ptr<float>();
+  }
+  const bool amx = stream && isa == Isa::kAmx && scheme != Scheme::kW8A8 && M >= amx_min_rows(scheme) && M <= kAmxMaxRows;
+  if (stream && !(amx && amx_quantized_linear(p.x, p.w, p.scales, p.zeros, scheme, p.group, p.y, M, N, K))) {
     const int64_t tiles = (N + 3) / 4;
     // A thread per ~512K multiply-adds at least: waking a second thread costs more than a small layer's product.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / (4 * K * M));

@@ -15,8 +15,8 @@ at::Tensor quantized_linear_cuda(const at::Tensor& x, const at::Tensor& packed, 
                                  const std::optional<at::Tensor>& zeros, const std::string& scheme, int64_t group_size,
                                  const std::optional<at::Tensor>& bias);
 
-// Which CPU path quantized_linear takes: "avx512_vnni", "avx512", "avx2" or "generic"
-// (LIGHTNING_SPEC_QMATMUL_ISA=generic|avx2|avx512 caps it, for tests).
+// Which CPU path quantized_linear takes: "amx", "avx512_vnni", "avx512", "avx2" or "generic"
+// (LIGHTNING_SPEC_QMATMUL_ISA=generic|avx2|avx512|avx512_vnni caps it, for tests).
 std::string qmatmul_cpu_isa();
 
 }  // namespace lightning_spec

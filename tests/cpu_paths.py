@@ -4,7 +4,7 @@ import torch
 
 
 def use_cpu_path(path: str, monkeypatch) -> str:
-    """'auto': the best path this CPU has; 'avx512' / 'avx2' / 'generic': at most that one (skipped where the CPU
+    """'auto': the best path this CPU has; 'avx512_vnni' / 'avx512' / 'avx2' / 'generic': at most that one (skipped where the CPU
     has no SIMD path at all)."""
     if path == "auto":
         monkeypatch.delenv("LIGHTNING_SPEC_QMATMUL_ISA", raising=False)

@@ -15,9 +15,10 @@ from cpu_paths import use_cpu_path
 SCHEMES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("int4_asym", 32), ("int4_asym", 128), ("w8a8", None)]
 
 
-@pytest.fixture(params=["auto", "avx512", "avx2", "generic"])
+@pytest.fixture(params=["auto", "avx512_vnni", "avx512", "avx2", "generic"])
 def isa(request, monkeypatch):
-    """Every CPU path this machine can run: the best one, AVX-512 without VNNI, AVX2, plain C++."""
+    """Every CPU path this machine can run: the best one (AMX at 5-16 rows where the CPU has it), AVX-512 with VNNI,
+    without it, AVX2, plain C++."""
     return use_cpu_path(request.param, monkeypatch)
 
 
@@ -27,7 +28,7 @@ def close(got, want, K):
 
 def test_compiled_op_is_in_use():
     assert active_implementation("quantized_linear") == "compiled"
-    assert torch.ops.lightning_spec.qmatmul_cpu_isa() in ("avx512_vnni", "avx512", "avx2", "generic")
+    assert torch.ops.lightning_spec.qmatmul_cpu_isa() in ("amx", "avx512_vnni", "avx512", "avx2", "generic")
 
 
 @pytest.mark.parametrize("scheme,group", SCHEMES)
@@ -121,7 +122,7 @@ def test_int8_eight_row_tiles(isa):
 def test_int4_fixed_point_error_is_bounded():
     """On VNNI, int4 at M <= 2 reads x in 22-bit block fixed point: each input off by at most half a unit,
     2^(e - 23) with |x| < 2^e over its 32-input chunk; the result within that (and float32 rounding) of float64."""
-    if torch.ops.lightning_spec.qmatmul_cpu_isa() != "avx512_vnni":
+    if torch.ops.lightning_spec.qmatmul_cpu_isa() not in ("avx512_vnni", "amx"):
         pytest.skip("no AVX-512 VNNI on this CPU")
     g = torch.Generator().manual_seed(0)
     K, N = 576, 1536
@@ -165,11 +166,68 @@ def test_int4_float_paths_hold_outliers_and_huge_inputs(isa, scheme):
     weight = dequantize_weight(packed, scales, zeros, scheme=scheme, group_size=32).double()
     x = torch.randn(3, 256, generator=g)
     x[0, 10], x[1, 40] = 3e37, 1e5
-    fixed_point_rows = torch.ops.lightning_spec.qmatmul_cpu_isa() == "avx512_vnni"
+    fixed_point_rows = torch.ops.lightning_spec.qmatmul_cpu_isa() in ("avx512_vnni", "amx")
     for rows in [x] if fixed_point_rows else [x, x[:1], x[1:2]]:
         got = quantized_linear(rows, packed, scales, zeros, scheme=scheme, group_size=32).double()
         assert got.isfinite().all() and (got[:, 5] == 0).all()
         assert ((got - rows.double() @ weight.T).abs() <= 1e-5 * rows.double().abs() @ weight.abs().T).all()
+
+
+def amx_only():
+    if torch.ops.lightning_spec.qmatmul_cpu_isa() != "amx":
+        pytest.skip("no AMX on this CPU")
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4", 128), ("int4_asym", 64)])
+def test_amx_tiles_and_tails(scheme, group):
+    """AMX (int8 from 5 rows, int4 from 6, up to 16): 16-channel tiles with channels past N, 32-input blocks with
+    inputs past K (int8), groups spanning several blocks, rows on both sides of its limits."""
+    amx_only()
+    g = torch.Generator().manual_seed(7)
+    for K in ([100, 576, 4096 + 40] if scheme == "int8" else [group, 4 * group, 4096]):
+        for N, M in [(1, 16), (17, 6), (40, 5), (33, 8), (300, 11), (20, 17)]:
+            w, x = torch.randn(N, K, generator=g) * 0.05, torch.randn(M, K, generator=g)
+            x[:, 1] *= 300  # an outlier input
+            packed, scales, zeros = quantize_weight(w, scheme, group)
+            close(quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group),
+                  reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group), K)
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4_asym", 32)])
+def test_amx_takes_all_of_x(scheme, group):
+    """AMX multiplies the codes by x split into three bf16 parts that sum to x exactly: on positive sums (no
+    cancellation) the result is float64's to float32 summation error (~1e-7), where dropping the third part would cost
+    ~2^-17 and a bf16 x ~2^-9."""
+    amx_only()
+    g = torch.Generator().manual_seed(3)
+    K, N = 256, 48
+    w, x = torch.rand(N, K, generator=g) * 0.05, 1 + torch.rand(8, K, generator=g)  # full 24-bit significands
+    packed, scales, zeros = quantize_weight(w, scheme, group)
+    want = reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group).double()
+    got = quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group).double()
+    assert ((got - want).abs() / want).max() < 2e-6
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4_asym", 32)])
+def test_amx_leaves_non_finite_and_huge_x_to_the_float_kernels(scheme, group):
+    """A row with inf or NaN, or (int4) an |x| >= 2^100, whose unscaled products could overflow where x * (c - z) * s
+    does not, sends the call to the float kernels: inf and NaN where float64 has them, the rest as float64."""
+    amx_only()
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 256, generator=g) * 0.05, torch.randn(8, 256, generator=g)
+    packed, scales, zeros = quantize_weight(w, scheme, group)
+    for row, value in [(1, float("inf")), (2, float("nan"))] + ([(0, 3e37)] if group else []):
+        x[row, 3 * row + 1] = value
+        got = quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group)
+        want = reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        torch.testing.assert_close(got[3:], want[3:], rtol=2e-4, atol=2e-5 * 16)
+        x[row, 3 * row + 1] = 0
+    if group:  # huge alone
+        x[0, 1] = 3e37
+        got = quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group).double()
+        weight = dequantize_weight(packed, scales, zeros, scheme=scheme, group_size=group).double()
+        assert got.isfinite().all() and ((got - x.double() @ weight.T).abs() <= 1e-5 * x.double().abs() @ weight.abs().T).all()
 
 
 @pytest.mark.parametrize("scheme,group", SCHEMES)

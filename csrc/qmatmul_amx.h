@@ -1,0 +1,20 @@
+// AMX path of lightning_spec::quantized_linear for weight-only int8 / int4 / int4_asym at a few rows (qmatmul_amx.cpp).
+#pragma once
+#include <cstdint>
+
+#include "qmatmul_checks.h"
+
+namespace lightning_spec {
+
+// Fewest rows the AMX path takes: below, the streaming kernels are faster (measured on the AMX Xeon: int8 from 5
+// rows, int4 from 6, where the streaming kernels' 4-row tiles need a second pass over the weight).
+inline int64_t amx_min_rows(Scheme scheme) { return scheme == Scheme::kInt8 ? 5 : 6; }
+constexpr int64_t kAmxMaxRows = 16;  // a tile's 64-byte rows hold 16 rows' fp32 results
+
+// y [M, N] = x [M, K] @ dequantize(packed, scales, zeros)^T, amx_min_rows <= M <= kAmxMaxRows, on a CPU where
+// select_isa() is Isa::kAmx. Returns false, having written nothing, when x holds an inf, a NaN or a magnitude of 2^100
+// or more (its unscaled products could overflow): the caller's float kernels take those.
+bool amx_quantized_linear(const float* x, const void* packed, const float* scales, const uint8_t* zeros, Scheme scheme,
+                          int64_t group, float* y, int64_t M, int64_t N, int64_t K);
+
+}  // namespace lightning_spec
