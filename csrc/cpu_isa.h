@@ -15,7 +15,7 @@
 #define LS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 #define LS_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 #define LS_AVX2 __attribute__((target("avx2,fma")))
-#define LS_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16,fma")))
+#define LS_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,amx-tile,amx-bf16,fma")))
 #endif
 
 namespace lightning_spec {
@@ -41,7 +41,7 @@ inline Isa select_isa() {
   static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl");
   static const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
-  static const bool amx = vnni && __builtin_cpu_supports("avx512bf16") && amx_usable();
+  static const bool amx = vnni && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") && amx_usable();
   const char* cap = std::getenv("LIGHTNING_SPEC_QMATMUL_ISA");
   const std::string limit = cap ? cap : "";
   if (limit == "generic" || !avx2) return Isa::kGeneric;

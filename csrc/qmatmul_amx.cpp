@@ -148,13 +148,14 @@ LS_AMX void widen_int8(const Operands& o, int64_t n, int64_t b, uint16_t* tile) 
   }
 }
 
-// bf16 of c - z for the codes c = 0..15, one table per zero point z = 0..15 (vpermw reads 32 entries; 16-31 unused).
+// bf16 of c - z for the codes c = 0..15, one table per zero point z = 0..15, repeated in entries 16-31 (vpermw reads
+// an index's low 5 bits: a whole byte's, below, reads its low nibble's entry).
 struct CodeTables {
   alignas(64) uint16_t values[16][32] = {};
   CodeTables() {
     for (int z = 0; z < 16; ++z)
-      for (int c = 0; c < 16; ++c) {
-        const float v = float(c - z);
+      for (int c = 0; c < 32; ++c) {
+        const float v = float(c % 16 - z);
         uint32_t bits;
         std::memcpy(&bits, &v, sizeof bits);
         values[z][c] = uint16_t(bits >> 16);
@@ -164,17 +165,22 @@ struct CodeTables {
 const CodeTables kCodeTables;
 
 // Channels n..n+15 (zero rows past N), inputs 32b..32b+31 of an int4 weight in group g, as bf16 codes c - z: the
-// packed 16 bytes' low nibbles are the first 16 inputs, the high nibbles the next 16.
+// packed 16 bytes' low nibbles are the first 16 inputs, the high nibbles the next 16. Byte j goes to words j and
+// 16 + j (vpermb), the upper 16 words shift down to their high nibble, and the table maps each word to its value.
 template <bool kAsym>
 LS_AMX void widen_int4(const Operands& o, int64_t n, int64_t b, int64_t g, uint16_t* tile) {
   const int64_t groups = o.K / o.group;
+  alignas(64) static constexpr uint8_t kSpread[64] = {0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, 0, 8, 0, 9, 0, 10, 0,
+                                                     11, 0, 12, 0, 13, 0, 14, 0, 15, 0, 0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5,
+                                                     0, 6, 0, 7, 0, 8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15, 0};
+  const __m512i spread = _mm512_load_si512(kSpread);
+  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   for (int i = 0; i < 16; ++i) {
     __m512i row = _mm512_setzero_si512();
     if (n + i < o.N) {
       const uint8_t* w = static_cast<const uint8_t*>(o.w) + (n + i) * (o.K / 2) + 16 * b;
-      const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-      const __m512i codes = _mm512_and_si512(
-          _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1), _mm512_set1_epi16(15));
+      const __m512i bytes = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+      const __m512i codes = _mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(0x5555555555555555ull, spread, bytes), shift);
       const int z = kAsym ? o.zeros[(n + i) * groups + g] : 8;
       row = _mm512_permutexvar_epi16(codes, _mm512_load_si512(kCodeTables.values[z]));
     }
@@ -182,9 +188,9 @@ LS_AMX void widen_int4(const Operands& o, int64_t n, int64_t b, int64_t g, uint1
   }
 }
 
-// The weight tiles are widened two blocks ahead of their multiply, into three buffers in turn: a tile load waits for
-// the stores it reads to leave the core, and those of the block just before would hold it until the multiplies
-// ahead of them retire.
+// The weight tiles are widened this many blocks ahead of their multiply, into kAhead + 1 buffers in turn, so that the
+// widening overlaps the tile multiplies (1, 2 and 4 measured within noise of each other on the AMX Xeon; 2 was ahead
+// on the large layers).
 constexpr int kAhead = 2;
 
 // int8: 32 channels at a time, their sums over all of K in C0-C1, then one scale per channel.
@@ -218,12 +224,12 @@ LS_AMX inline void add_group(__m512 (&acc)[16], const float* sums, const float* 
 }
 
 // int4: 16 channels at a time. Groups take turns in C0 and C1, so that a group's multiplies need not wait for the
-// store of the one before; each stored group's sums, times its scales, go into 16 accumulators (one per channel,
-// lane m for row m).
+// store of the one before, and a stored group is read a group later, once its store has landed; its sums, times its
+// scales, go into 16 accumulators (one per channel, lane m for row m).
 template <int kSplits, bool kAsym>
 LS_AMX void int4_channels(const Operands& o, int64_t n0, int64_t n1) {
   alignas(64) uint16_t codes[kAhead + 1][16 * 32];
-  alignas(64) float sums[16 * 16] = {};  // lanes past M: never written by the tile store, never read out
+  alignas(64) float sums[2][16 * 16] = {};  // lanes past M: never written by the tile store, never read out
   const int64_t groups = o.K / o.group, chunks = o.group / kInputs;
   for (int64_t n = n0; n < n1; n += 16) {
     const float* scale[16];  // rows past N read the last channel's scales (their sums are 0)
@@ -238,15 +244,17 @@ LS_AMX void int4_channels(const Operands& o, int64_t n0, int64_t n1) {
       for (int64_t b = g * chunks; b < (g + 1) * chunks; ++b) {
         LS_TILE_LOADD(kW0, codes[b % (kAhead + 1)], 64);
         if (odd) multiply_block<kSplits, 1, true>(o, b); else multiply_block<kSplits, 1>(o, b);
-        if (b + kAhead < o.blocks) widen_int4<kAsym>(o, n, b + kAhead, (b + kAhead) / chunks, codes[(b + kAhead) % (kAhead + 1)]);
+        if (b + kAhead < o.blocks)
+          widen_int4<kAsym>(o, n, b + kAhead, (b + kAhead) / chunks, codes[(b + kAhead) % (kAhead + 1)]);
       }
-      if (g > 0) {  // the group before, in the other tile
-        if (odd) _tile_stored(kC0, sums, 64); else _tile_stored(kC1, sums, 64);
-        add_group(acc, sums, scale, g - 1);
+      if (g > 0) {  // the group before, from the other tile; the one before it, from memory
+        if (odd) _tile_stored(kC0, sums[0], 64); else _tile_stored(kC1, sums[1], 64);
+        if (g > 1) add_group(acc, sums[odd], scale, g - 2);
       }
     }
-    if (groups % 2) _tile_stored(kC0, sums, 64); else _tile_stored(kC1, sums, 64);
-    add_group(acc, sums, scale, groups - 1);
+    if (groups % 2) _tile_stored(kC0, sums[0], 64); else _tile_stored(kC1, sums[1], 64);
+    if (groups > 1) add_group(acc, sums[groups % 2], scale, groups - 2);
+    add_group(acc, sums[(groups - 1) % 2], scale, groups - 1);
     alignas(64) float out[16 * 16];
     for (int i = 0; i < 16; ++i) _mm512_store_ps(out + 16 * i, acc[i]);
     for (int64_t i = 0; i < 16 && n + i < o.N; ++i)
