@@ -403,6 +403,10 @@ def test_gradients_flow_to_x_and_bias(scheme, group):
     assert not scales.requires_grad
     quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group, bias=linear.bias).sum().backward()
     assert linear.bias.grad is not None and linear.weight.grad is None
+    with torch.no_grad():  # nothing to differentiate: the call skips the autograd kernel, same numbers, no graph
+        untracked = quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group, bias=linear.bias)
+    tracked = quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group, bias=linear.bias)
+    assert untracked.grad_fn is None and tracked.grad_fn is not None and torch.equal(untracked, tracked)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -30,7 +30,8 @@ def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[
     weight for small batches (decode, verification) and dequantize once for large ones. On AVX-512 VNNI, int4 with
     one or two rows reads x in 22-bit block fixed point (each input within 2^-22 of its 32-input chunk's largest
     |x|, about float32's own rounding unless an outlier dwarfs the rest of its chunk), to multiply nibbles with VNNI's
-exact int8 dot products.
+    exact int8 dot products. On AMX, int8 from 5 rows and int4 from 6 (up to 16) take tile multiplies whose products
+    are exact (integer codes, x in three bf16 parts that sum to it).
 
     Differentiable in ``x`` (grad @ the dequantized weight; straight through w8a8's activation rounding) and ``bias``,
     e.g. for adapters trained over a frozen quantized model; the packed weight and its scales are constants.
@@ -40,7 +41,14 @@ exact int8 dot products.
         packed, scales, zeros = quantize_weight(linear.weight, "int4", group_size=32)
         y = quantized_linear(x, packed, scales, zeros, scheme="int4", group_size=32, bias=linear.bias)
     """
-    return torch.ops.lightning_spec.quantized_linear(x, packed, scales, zeros, scheme, group_size or 0, bias)
+    args = (x, packed, scales, zeros, scheme, group_size or 0, bias)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad or torch.compiler.is_compiling():
+        return torch.ops.lightning_spec.quantized_linear(*args)
+    # Nothing to differentiate: straight to the kernel, past the Python autograd kernel that register_autograd
+    # installs, which costs ~4 us a call (a decode step's whole layer can take 20).
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.lightning_spec.quantized_linear.default(*args)
 
 
 @torch.library.register_fake("lightning_spec::quantized_linear")

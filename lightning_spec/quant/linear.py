@@ -5,7 +5,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-import lightning_spec.ops.qmatmul  # noqa: F401  (registers lightning_spec::quantized_linear and its fake)
+from lightning_spec.ops.qmatmul import quantized_linear
 from lightning_spec.ops.fake_quant import fake_quantize_activation
 from lightning_spec.quant.numerics import check_activation, check_scheme, dequantize_weight, quantize_weight
 
@@ -91,9 +91,7 @@ class QuantizedLinear(nn.Module):
             x = x.float()
         if self.activation == "int8":
             x = fake_quantize_activation(x).to(x.dtype)
-        # the buffers' shapes and dtypes are fixed at construction (load_state_dict keeps them), so the Python checks
-        # of quantized_linear would only repeat per call what the compiled op checks anyway
-        y = torch.ops.lightning_spec.quantized_linear(x, self.packed, self.scales, self.zeros, self.scheme, self.group_size or 0, self.bias)
+        y = quantized_linear(x, self.packed, self.scales, self.zeros, scheme=self.scheme, group_size=self.group_size, bias=self.bias)
         return y.to(out_dtype)
 
     def extra_repr(self) -> str:
