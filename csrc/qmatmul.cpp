@@ -523,6 +523,14 @@ void simd_rows(const Problem& p, Scheme scheme, Isa isa, int64_t n0, int64_t n1)
 
 #endif  // LS_X86
 
+// int8's SIMD tiles sum x * code and scale the sum once per channel, so an |x| near float32's limit could overflow
+// there where x * (code * scale) does not: such a call dequantizes first, like a large M.
+bool has_huge_value(const float* x, int64_t n) {
+  bool huge = false;
+  for (int64_t i = 0; i < n; ++i) huge |= std::fabs(x[i]) >= 0x1p100f;
+  return huge;
+}
+
 // The dequantized fp32 weight (large M), with the same formulas as the streaming kernels; chunk loops that the
 // compiler vectorizes.
 at::Tensor dequantize(const Problem& p, Scheme scheme) {
@@ -602,8 +610,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
     p.xs = xs.data_ptr<float>();
   }
 
-  const bool stream = M > 0 && M <= kStreamRows;
   Isa isa = select_isa();
+  const bool stream = M > 0 && M <= kStreamRows && !(scheme == Scheme::kInt8 && isa != Isa::kGeneric && has_huge_value(p.x, M * K));
 #ifdef LS_X86
   std::unique_ptr<FixedPointBlock[]> xfixed;  // uninitialized: to_fixed_point writes every byte the kernel reads
   if (stream && grouped && isa >= Isa::kAvx512Vnni && M <= kFixedPointRows) {

@@ -154,6 +154,21 @@ def test_int4_non_finite_x_is_not_hidden(isa):
     assert quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=32)[1].isnan().all()
 
 
+def test_int8_holds_huge_inputs(isa):
+    """int8's SIMD tiles scale the sum of x * code once per channel: a row with |x| >= 2^100, whose sum could overflow
+    there, is computed from the dequantized weight instead, finite like float64's."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 256, generator=g) * 0.05
+    packed, scales, _ = quantize_weight(w, "int8")
+    weight = dequantize_weight(packed, scales, None, scheme="int8").double()
+    for M in (1, 3, 8):
+        x = torch.randn(M, 256, generator=g)
+        x[0, 10] = 3e37
+        got = quantized_linear(x, packed, scales, scheme="int8").double()
+        assert got.isfinite().all()
+        assert ((got - x.double() @ weight.T).abs() <= 1e-5 * x.double().abs() @ weight.abs().T).all()
+
+
 @pytest.mark.parametrize("scheme", ["int4", "int4_asym"])
 def test_int4_float_paths_hold_outliers_and_huge_inputs(isa, scheme):
     """The float int4 kernels multiply x by each weight's dequantized value (c - z) * s, as float64 does: an input
@@ -210,24 +225,24 @@ def test_amx_takes_all_of_x(scheme, group):
 
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4_asym", 32)])
 def test_amx_leaves_non_finite_and_huge_x_to_the_float_kernels(scheme, group):
-    """A row with inf or NaN, or (int4) an |x| >= 2^100, whose unscaled products could overflow where x * (c - z) * s
-    does not, sends the call to the float kernels: inf and NaN where float64 has them, the rest as float64."""
+    """A row with inf or NaN, or an |x| >= 2^100, whose unscaled products could overflow where x * (c - z) * s does
+    not, sends the call to the float kernels (int8: the dequantized weight): inf and NaN where float64 has them, the
+    rest as float64."""
     amx_only()
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(64, 256, generator=g) * 0.05, torch.randn(8, 256, generator=g)
     packed, scales, zeros = quantize_weight(w, scheme, group)
-    for row, value in [(1, float("inf")), (2, float("nan"))] + ([(0, 3e37)] if group else []):
+    for row, value in [(1, float("inf")), (2, float("nan"))]:
         x[row, 3 * row + 1] = value
         got = quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group)
         want = reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group)
         assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
         torch.testing.assert_close(got[3:], want[3:], rtol=2e-4, atol=2e-5 * 16)
         x[row, 3 * row + 1] = 0
-    if group:  # huge alone
-        x[0, 1] = 3e37
-        got = quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group).double()
-        weight = dequantize_weight(packed, scales, zeros, scheme=scheme, group_size=group).double()
-        assert got.isfinite().all() and ((got - x.double() @ weight.T).abs() <= 1e-5 * x.double().abs() @ weight.abs().T).all()
+    x[0, 1] = 3e37  # huge alone
+    got = quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group).double()
+    weight = dequantize_weight(packed, scales, zeros, scheme=scheme, group_size=group).double()
+    assert got.isfinite().all() and ((got - x.double() @ weight.T).abs() <= 1e-5 * x.double().abs() @ weight.abs().T).all()
 
 
 @pytest.mark.parametrize("scheme,group", SCHEMES)
