@@ -15,7 +15,7 @@
 #define LS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 #define LS_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 #define LS_AVX2 __attribute__((target("avx2,fma")))
-#define LS_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,amx-tile,amx-bf16,fma")))
+#define LS_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,amx-tile,amx-bf16,amx-int8,fma")))
 #endif
 
 namespace lightning_spec {
@@ -23,11 +23,13 @@ namespace lightning_spec {
 enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Vnni, kAmx };  // each path has the features of those before it
 
 #ifdef LS_X86
-// AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22), and Linux's leave to use the 8 KB of tile data, which a
-// process must ask for once (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA) before its first tile instruction.
+// AMX-TILE, AMX-BF16 and AMX-INT8 (CPUID leaf 7: EDX bits 24, 22 and 25), and Linux's leave to use the 8 KB of tile
+// data, which a process must ask for once (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA) before its first
+// tile instruction.
 inline bool amx_usable() {
   unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx >> 24 & 1) || !(edx >> 22 & 1)) return false;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx >> 24 & 1) || !(edx >> 22 & 1) || !(edx >> 25 & 1))
+    return false;
   constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 }

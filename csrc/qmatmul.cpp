@@ -3,7 +3,7 @@
 // Small M (decode and verification batches, M <= kStreamRows): the weight is streamed once; each tile of NR
 // output channels x MR rows keeps NR*MR accumulators, and each weight chunk is widened once for all MR rows.
 // at::parallel_for splits the output channels. Large M is compute-bound: dequantize once and let ATen's GEMM run.
-// Paths, chosen at run time (cpu_isa.h): AMX for weight-only schemes at 5-16 rows (qmatmul_amx.cpp), AVX-512 (VNNI
+// Paths, chosen at run time (cpu_isa.h): AMX at 3-16 rows (qmatmul_amx.cpp), AVX-512 (VNNI
 // for w8a8's int16 dot, and for int4 at M <= 2 with x in fixed point), AVX2+FMA, plain C++.
 #include "qmatmul.h"
 
@@ -630,8 +630,16 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
     y = at::empty(out_shape, at::kFloat);
     p.y = y.data_ptr<float>();
   }
-  const bool amx = stream && isa == Isa::kAmx && scheme != Scheme::kW8A8 && M >= amx_min_rows(scheme) && M <= kAmxMaxRows;
-  if (stream && !(amx && amx_quantized_linear(p.x, p.w, p.scales, p.zeros, scheme, p.group, p.y, M, N, K))) {
+  const bool amx = stream && isa == Isa::kAmx && M >= amx_min_rows(scheme) && M <= kAmxMaxRows;
+  bool done = !stream;
+  if (amx && scheme == Scheme::kW8A8) {
+    const auto codes = xq16.to(at::kChar);
+    amx_w8a8_linear(codes.data_ptr<int8_t>(), p.xs, static_cast<const int8_t*>(p.w), p.scales, p.y, M, N, K);
+    done = true;
+  } else if (amx) {
+    done = amx_quantized_linear(p.x, p.w, p.scales, p.zeros, scheme, p.group, p.y, M, N, K);
+  }
+  if (!done) {
     const int64_t tiles = (N + 3) / 4;
     // A thread per ~512K multiply-adds at least: waking a second thread costs more than a small layer's product.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / (4 * K * M));

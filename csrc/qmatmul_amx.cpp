@@ -1,6 +1,6 @@
-// AMX path of lightning_spec::quantized_linear: weight-only int8 / int4 / int4_asym at 5-16 rows (a verification
-// batch). There the streaming kernels (qmatmul.cpp) are bound by their FMAs, 16 multiply-adds per instruction, and
-// bf16 F.linear on AMX beats them; a tile multiply here does 16 channels x M rows x 32 inputs.
+// AMX path of lightning_spec::quantized_linear at 3-16 rows (a verification batch; amx_min_rows per scheme). There
+// the streaming kernels (qmatmul.cpp) are bound by their FMAs, 16 multiply-adds per instruction, and bf16 F.linear on
+// AMX beats them; a tile multiply here does 16 channels x M rows x 32 inputs (bf16) or 64 (int8).
 //
 // Every product is exact, so the result differs from the float kernels only in fp32 summation order:
 // - each weight enters as its integer code c - z (|c - z| <= 128: exact in bf16) and the scale multiplies the sums,
@@ -9,6 +9,8 @@
 //   lo the rest), one tile multiply each; a bf16 x has no mid or lo and costs one.
 // Tiles (C = W x^T): C0-C1 fp32 [16 channels, M rows], W0-W1 bf16 codes [16 channels, 32 inputs], X0-X2 the parts of
 // x as bf16 pairs [16 input pairs, M rows], two inputs of one row per 32-bit element.
+// w8a8 multiplies int8 codes into int32 (exact, as its other kernels), reading the packed weight in place: C0-C1 int32,
+// W0-W1 [16 channels, 64 inputs], X0 x's codes as quads [16 input quads, M rows].
 #include "qmatmul_amx.h"
 
 #include <ATen/Parallel.h>
@@ -43,10 +45,11 @@ constexpr int64_t kInputs = 32;  // inputs per tile multiply: a 64-byte tile row
   } while (0)
 
 struct Operands {
-  const uint32_t* xt;  // [splits][blocks][16 pairs][M]: x's parts as bf16 pairs
+  const uint32_t* xt;  // [splits][blocks][16 pairs][M]: x's parts as bf16 pairs (w8a8: [blocks][16 quads][M])
   const void* w;
   const float* scales;
   const uint8_t* zeros;
+  const float* x_scales;  // w8a8: [M]
   float* y;
   int64_t M, N, K, group, blocks;
 };
@@ -271,7 +274,67 @@ void run_channels(const Operands& o, Scheme scheme, int64_t n0, int64_t n1) {
   }
 }
 
+// ---------------------------------------------------------------- w8a8
+
+constexpr int64_t kInputs8 = 64;  // int8 inputs per tile multiply
+
+// x's codes [M, K] as int8 quads: xt[(b * 16 + r) * M + m] holds row m's codes 64b + 4r .. 64b + 4r + 3 (zeros
+// past K).
+void pack_codes(const int8_t* codes, int64_t M, int64_t K, int64_t blocks, uint32_t* xt) {
+  std::memset(xt, 0, blocks * 16 * M * sizeof(uint32_t));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 4)
+      std::memcpy(xt + (k / 4) * M + m, codes + m * K + k, std::min<int64_t>(4, K - k));
+}
+
+// 32 channels at a time, their int32 sums over all of K in C0-C1. The weight rows are tile operands as they lie;
+// the last step's, which may lack rows or end within a block, are copied zero-padded first.
+LS_AMX void w8a8_channels(const Operands& o, int64_t n0, int64_t n1) {
+  alignas(64) int8_t edge[32 * kInputs8];
+  alignas(64) int32_t sums[2][16 * 16];
+  const int8_t* w = static_cast<const int8_t*>(o.w);
+  const int64_t stride = 4 * o.M;
+  for (int64_t n = n0; n < n1; n += 32) {
+    const bool in_place = n + 32 < o.N || (n + 32 == o.N && o.K % kInputs8 == 0);
+    _tile_zero(kC0);
+    _tile_zero(kC1);
+    for (int64_t b = 0; b < o.blocks; ++b) {
+      const int8_t* rows = w + n * o.K + b * kInputs8;
+      int64_t row_stride = o.K;
+      if (!in_place) {
+        std::memset(edge, 0, sizeof edge);
+        const int64_t live = std::min(kInputs8, o.K - b * kInputs8);
+        for (int64_t i = 0; i < 32 && n + i < o.N; ++i) std::memcpy(edge + i * kInputs8, rows + i * o.K, live);
+        rows = edge;
+        row_stride = kInputs8;
+      }
+      LS_TILE_LOADD(kW0, rows, row_stride);
+      LS_TILE_LOADD(kW1, rows + 16 * row_stride, row_stride);
+      LS_TILE_LOADD(kX0, o.xt + b * 16 * o.M, stride);
+      _tile_dpbssd(kC0, kW0, kX0);
+      _tile_dpbssd(kC1, kW1, kX0);
+    }
+    _tile_stored(kC0, sums[0], 64);
+    _tile_stored(kC1, sums[1], 64);
+    for (int64_t i = 0; i < 32 && n + i < o.N; ++i)
+      for (int64_t m = 0; m < o.M; ++m)
+        o.y[m * o.N + n + i] = float(sums[i / 16][i % 16 * 16 + m]) * o.x_scales[m] * o.scales[n + i];
+  }
+}
+
 LS_AMX void release_tiles() { _tile_release(); }
+
+// Splits N over threads, each with its own tile configuration (thread state), in steps of `channels`.
+template <typename Run>
+void parallel_channels(int64_t M, int64_t N, int64_t K, int64_t channels, const Run& run) {
+  // A thread per ~256K multiply-adds at least: below that, waking a second thread costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (channels * K * M));
+  at::parallel_for(0, (N + channels - 1) / channels, grain, [&](int64_t t0, int64_t t1) {
+    configure_tiles(M);
+    run(t0 * channels, std::min(N, t1 * channels));
+    release_tiles();
+  });
+}
 
 }  // namespace
 
@@ -282,27 +345,34 @@ bool amx_quantized_linear(const float* x, const void* packed, const float* scale
   std::unique_ptr<uint32_t[]> xt(new uint32_t[3 * blocks * 16 * M]);
   const int splits = split_x(x, M, K, blocks, xt.get());
   if (!splits) return false;
-  const Operands o{xt.get(), packed, scales, zeros, y, M, N, K, group, blocks};
-  const int64_t channels = scheme == Scheme::kInt8 ? 32 : 16;  // per step of the kernel
-  // A thread per ~256K multiply-adds at least: below that, waking a second thread costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (channels * K * M));
-  at::parallel_for(0, (N + channels - 1) / channels, grain, [&](int64_t t0, int64_t t1) {
-    const int64_t n0 = t0 * channels, n1 = std::min(N, t1 * channels);
-    configure_tiles(M);  // per thread: the tile configuration is thread state
+  const Operands o{xt.get(), packed, scales, zeros, nullptr, y, M, N, K, group, blocks};
+  parallel_channels(M, N, K, scheme == Scheme::kInt8 ? 32 : 16, [&](int64_t n0, int64_t n1) {
     switch (splits) {
-      case 1: run_channels<1>(o, scheme, n0, n1); break;
-      case 2: run_channels<2>(o, scheme, n0, n1); break;
-      default: run_channels<3>(o, scheme, n0, n1);
+      case 1: return run_channels<1>(o, scheme, n0, n1);
+      case 2: return run_channels<2>(o, scheme, n0, n1);
+      default: return run_channels<3>(o, scheme, n0, n1);
     }
-    release_tiles();
   });
   return true;
+}
+
+void amx_w8a8_linear(const int8_t* codes, const float* x_scales, const int8_t* packed, const float* scales, float* y,
+                     int64_t M, int64_t N, int64_t K) {
+  TORCH_INTERNAL_ASSERT(M >= 1 && M <= kAmxMaxRows);
+  const int64_t blocks = (K + kInputs8 - 1) / kInputs8;
+  std::unique_ptr<uint32_t[]> xt(new uint32_t[blocks * 16 * M]);
+  pack_codes(codes, M, K, blocks, xt.get());
+  const Operands o{xt.get(), packed, scales, nullptr, x_scales, y, M, N, K, 0, blocks};
+  parallel_channels(M, N, K, 32, [&](int64_t n0, int64_t n1) { w8a8_channels(o, n0, n1); });
 }
 
 #else
 bool amx_quantized_linear(const float*, const void*, const float*, const uint8_t*, Scheme, int64_t, float*, int64_t,
                           int64_t, int64_t) {
   return false;
+}
+void amx_w8a8_linear(const int8_t*, const float*, const int8_t*, const float*, float*, int64_t, int64_t, int64_t) {
+  TORCH_INTERNAL_ASSERT(false, "no AMX on this CPU");
 }
 #endif
 

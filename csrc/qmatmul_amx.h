@@ -1,4 +1,4 @@
-// AMX path of lightning_spec::quantized_linear for weight-only int8 / int4 / int4_asym at a few rows (qmatmul_amx.cpp).
+// AMX path of lightning_spec::quantized_linear at a few rows (qmatmul_amx.cpp).
 #pragma once
 #include <cstdint>
 
@@ -6,9 +6,9 @@
 
 namespace lightning_spec {
 
-// Fewest rows the AMX path takes: below, the streaming kernels are faster (measured on the AMX Xeon: int8 from 5
-// rows, int4 from 6, where the streaming kernels' 4-row tiles need a second pass over the weight).
-inline int64_t amx_min_rows(Scheme scheme) { return scheme == Scheme::kInt8 ? 5 : 6; }
+// Fewest rows the AMX path takes: below, the streaming kernels are faster (measured on the AMX Xeon: w8a8 from 3
+// rows, int8 from 5, int4 from 6; the streaming kernels' 4-row tiles need a second pass over the weight from 5).
+inline int64_t amx_min_rows(Scheme scheme) { return scheme == Scheme::kW8A8 ? 3 : scheme == Scheme::kInt8 ? 5 : 6; }
 constexpr int64_t kAmxMaxRows = 16;  // a tile's 64-byte rows hold 16 rows' fp32 results
 
 // y [M, N] = x [M, K] @ dequantize(packed, scales, zeros)^T, amx_min_rows <= M <= kAmxMaxRows, on a CPU where
@@ -16,5 +16,10 @@ constexpr int64_t kAmxMaxRows = 16;  // a tile's 64-byte rows hold 16 rows' fp32
 // or more (its unscaled products could overflow): the caller's float kernels take those.
 bool amx_quantized_linear(const float* x, const void* packed, const float* scales, const uint8_t* zeros, Scheme scheme,
                           int64_t group, float* y, int64_t M, int64_t N, int64_t K);
+
+// w8a8: y [M, N] = (codes [M, K] @ packed^T in int32) * x_scales[m] * scales[n], 1 <= M <= kAmxMaxRows, as the
+// streaming kernels compute it (every sum exact), on a CPU where select_isa() is Isa::kAmx.
+void amx_w8a8_linear(const int8_t* codes, const float* x_scales, const int8_t* packed, const float* scales, float* y,
+                     int64_t M, int64_t N, int64_t K);
 
 }  // namespace lightning_spec

@@ -193,19 +193,34 @@ def amx_only():
         pytest.skip("no AMX on this CPU")
 
 
-@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4", 128), ("int4_asym", 64)])
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("w8a8", None), ("int4", 32), ("int4", 128), ("int4_asym", 64)])
 def test_amx_tiles_and_tails(scheme, group):
-    """AMX (int8 from 5 rows, int4 from 6, up to 16): 16-channel tiles with channels past N, 32-input blocks with
-    inputs past K (int8), groups spanning several blocks, rows on both sides of its limits."""
+    """AMX (w8a8 from 3 rows, int8 from 5, int4 from 6, up to 16): channel steps past N, input blocks past K (int8,
+    w8a8), groups spanning several blocks, rows on both sides of its limits."""
     amx_only()
     g = torch.Generator().manual_seed(7)
-    for K in ([100, 576, 4096 + 40] if scheme == "int8" else [group, 4 * group, 4096]):
+    for K in ([100, 576, 4096 + 40] if group is None else [group, 4 * group, 4096]):
         for N, M in [(1, 16), (17, 6), (40, 5), (33, 8), (300, 11), (20, 17)]:
             w, x = torch.randn(N, K, generator=g) * 0.05, torch.randn(M, K, generator=g)
             x[:, 1] *= 300  # an outlier input
             packed, scales, zeros = quantize_weight(w, scheme, group)
             close(quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group),
                   reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group), K)
+
+
+def test_amx_w8a8_is_the_streaming_kernels_bit_for_bit(monkeypatch):
+    """w8a8 on AMX (3-16 rows) multiplies the packed int8 weight in place by x's int8 codes into int32: the same exact
+    sums as the VNNI kernels, so the same floats, with channels past a 32-channel step and K past a 64-input block."""
+    amx_only()
+    g = torch.Generator().manual_seed(5)
+    for K in (63, 100, 576, 4096 + 36):
+        for N, M in [(1, 3), (31, 16), (33, 4), (64, 8), (300, 11)]:
+            w, x = torch.randn(N, K, generator=g) * 0.05, torch.randn(M, K, generator=g)
+            packed, scales, _ = quantize_weight(w, "w8a8")
+            monkeypatch.delenv("LIGHTNING_SPEC_QMATMUL_ISA", raising=False)
+            got = quantized_linear(x, packed, scales, scheme="w8a8")
+            monkeypatch.setenv("LIGHTNING_SPEC_QMATMUL_ISA", "avx512_vnni")
+            assert torch.equal(got, quantized_linear(x, packed, scales, scheme="w8a8"))
 
 
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4_asym", 32)])
