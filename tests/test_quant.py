@@ -109,6 +109,21 @@ def test_int4_every_tail_and_tile(isa, scheme, group):
                   reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group), K)
 
 
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("w8a8", None), ("int4", 32), ("int4_asym", 64)])
+def test_long_rows_take_eight_channel_tiles(isa, scheme, group):
+    """Rows of 2 KB or more at 1-3 rows: 8-channel tiles (AVX-512), then 4- and 1-channel ones for the rest of N, with
+    every tail of K (int4 on VNNI: 1-3 chunks past the last 128 inputs, two of them shared by channel pairs)."""
+    g = torch.Generator().manual_seed(11)
+    for K in ([2048 + 5, 4096] if group is None else [4096 + 32, 4096 + 64, 4096 + 96]):
+        if group and K % group:
+            continue
+        for M in (1, 2, 3):
+            w, x = torch.randn(21, K, generator=g) * 0.05, torch.randn(M, K, generator=g)
+            packed, scales, zeros = quantize_weight(w, scheme, group)
+            close(quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group),
+                  reference.quantized_linear(x, packed, scales, zeros, scheme=scheme, group_size=group), K)
+
+
 def test_int8_eight_row_tiles(isa):
     """int8 with 8+ rows of a short x takes 2 x 8 tiles, the rows past a multiple of 8 and odd channels the usual ones."""
     g = torch.Generator().manual_seed(8)
