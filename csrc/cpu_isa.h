@@ -1,6 +1,6 @@
 // Which SIMD path the CPU kernels (quantized_linear, small_batch_linear) take, chosen once at run time:
-// AMX (tile multiplies of bf16, with AVX-512 BF16 and VNNI), AVX-512 (F+BW+VL; with VNNI for w8a8), AVX2+FMA, or
-// plain C++ for any other CPU. LIGHTNING_SPEC_QMATMUL_ISA=generic|avx2|avx512|avx512_vnni caps it (for tests). Also
+// AMX (bf16 and int8 tile multiplies, with AVX-512 BF16, VBMI and VNNI), AVX-512 (F+BW+VL; with VNNI for w8a8),
+// AVX2+FMA, or plain C++ for any other CPU. LIGHTNING_SPEC_QMATMUL_ISA=generic|avx2|avx512|avx512_vnni caps it (for tests). Also
 // the target attributes and lane sums the paths share.
 #pragma once
 #include <cstdlib>
