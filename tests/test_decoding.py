@@ -1,6 +1,7 @@
 """The decoding engine: greedy output equals the target's own (tiny models and SmolLM2), sampling is lossless
 (chi-square of the first three emitted tokens against the target's exact distribution), KV rollback under ragged
 acceptance and compaction, stats, bad input."""
+import contextlib
 import copy
 
 import pytest
@@ -151,6 +152,43 @@ def test_rollback_survives_compaction(pair, monkeypatch):
     out = speculative_generate(target, draft, ids, 120, attention_mask=mask, eos_token_id=[], gamma=7)
     assert any(compactions)
     assert torch.equal(out.tokens, hf_greedy(target, ids, mask, 120))
+
+
+def test_grouped_query_attention_needs_no_repeated_cache(pair, monkeypatch):
+    """The engine's multi-token forwards stack the query heads that share a key/value head along the query axis
+    (grouped_sdpa_attention) instead of repeating the cache per head: the same logits, on a tree mask over a ragged
+    batch, as transformers' SDPA; the model's own setting is back afterwards, and an "eager" model is left alone."""
+    import lightning_spec.decoding.attention as attention
+    import lightning_spec.decoding.kv as kv
+
+    target = pair[0]
+    ids, mask = ragged_prompts()
+    q = ids.shape[1]
+    see = torch.ones(q, q, dtype=torch.bool).tril() & mask.bool()[:, None, :] | torch.eye(q, dtype=torch.bool)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    tree = torch.tensor([-1, 0, 0, 1, 1, 2])  # a second forward: six tree nodes over the committed prompts
+    nodes = torch.randint(1, 512, (ids.shape[0], 6), generator=torch.Generator().manual_seed(0))
+    node_see = torch.eye(6, dtype=torch.bool)
+    for i in range(1, 6):
+        node_see[i] |= node_see[int(tree[i])]
+
+    def logits():
+        lm = CachedLM(target, ids.shape[0], ids.device)
+        lm.forward(ids, positions, see)
+        lm.commit(mask.bool())
+        return lm.forward(nodes, lm.length[:, None] + torch.tensor([0, 1, 1, 2, 2, 2]), node_see[None])
+
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    grouped = logits()
+    assert calls[-3:] == [(3, 2, 2 * 6, 8)] * 3  # per layer: 2 kv heads, each with its 2 query heads' 6 nodes
+    monkeypatch.setattr(kv, "grouped_attention", lambda model: contextlib.nullcontext())
+    torch.testing.assert_close(grouped, logits(), rtol=1e-5, atol=1e-5)
+    assert target.config._attn_implementation == "sdpa"
+    eager = copy.deepcopy(target)
+    eager.set_attn_implementation("eager")
+    with attention.grouped_attention(eager):
+        assert eager.config._attn_implementation == "eager"
 
 
 def test_kept_logits_read_contiguous_hidden_states(pair):

@@ -14,6 +14,8 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from lightning_spec.decoding.attention import grouped_attention
+
 
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer whose keys and values are views into buffers with room to grow (doubling), so an eager forward
@@ -83,10 +85,11 @@ class CachedLM:
             # CPU bf16 matmul multiplies with the head by broadcasting it per row (8 GB and ~10 s at B=160)
             logits_to_keep = torch.arange(q - logits_to_keep, q, device=tokens.device)
         start = time.perf_counter()
-        out = self.model(
-            input_ids=tokens, attention_mask=mask[:, None], position_ids=positions,
-            cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
-        )
+        with grouped_attention(self.model):
+            out = self.model(
+                input_ids=tokens, attention_mask=mask[:, None], position_ids=positions,
+                cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
+            )
         self.committed = torch.cat([self.committed, self.committed.new_zeros(B, q)], dim=1)
         logits = out.logits.float()
         if logits.is_cuda:

@@ -1,0 +1,50 @@
+"""Grouped-query attention for the engine's multi-token forwards, without copying the KV cache per query head.
+
+With a mask and more than one query token (every verification, and a draft's catch-up on two tokens),
+transformers' SDPA path repeats each key/value head for the query heads that share it (`repeat_kv`): a copy of the
+layer's whole cache per call. Here those query heads are stacked along the query axis instead, their mask rows
+repeated alongside, as transformers itself does for a single query token (`pack_gqa`). The numbers are SDPA's on
+the same scores.
+"""
+import contextlib
+
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+NAME = "lightning_spec_grouped_sdpa"
+
+
+def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' attention-function signature: query [B, H, q, D], key/value [B, H_kv, L, D], attention_mask
+    [B or 1, 1, q, L]; returns ([B, q, H, D], None)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, q, dim = query.shape
+    plain = groups == 1 or q == 1 or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1
+    if plain or any(kwargs.get(k) is not None for k in ("s_aux", "softcap", "position_bias")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    packed = query.reshape(batch, heads // groups, groups * q, dim)  # head h * groups + g -> rows g * q .. g * q + q - 1
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask.repeat(1, 1, groups, 1),
+                                         dropout_p=dropout, scale=scaling)
+    return out.reshape(batch, heads, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, grouped_sdpa_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def grouped_attention(model):
+    """Run ``model`` (set to transformers' "sdpa") with grouped_sdpa_attention for the duration; any other
+    attention implementation is left as it is."""
+    config = model.config
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
