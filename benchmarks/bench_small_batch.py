@@ -2,21 +2,27 @@
 
 Layers: SmolLM2-135M's shapes (attention, MLP, the 49152-token head) at M rows. Model: one SmolLM2 forward of q new
 tokens on a 60-token KV cache (the engine's CachedLM), stock nn.Linear against use_small_batch_linear, both in one
-run: a verification of q tokens should cost about one decode step. Median of many runs, ratios in one run.
+run: a verification of q tokens should cost about one decode step. Attention: the same forward with the engine's
+grouped-query attention against transformers' SDPA path (which repeats the cache per query head), at 60 and 1,000
+cached tokens, in interleaved rounds. Median of many runs, ratios in one run.
 
     python benchmarks/bench_small_batch.py [--repeats 40] [--target smollm2-135m-instruct]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import statistics
 
 import torch
 import torch.nn.functional as F
 
 from bench_sampling import median_ms  # benchmarks run as scripts from this folder
 from lightning_spec import load_causal_lm
+import lightning_spec.decoding.kv as kv
 from lightning_spec.decoding import use_small_batch_linear
+from lightning_spec.decoding.attention import grouped_attention
 from lightning_spec.decoding.kv import CachedLM
 from lightning_spec.ops import small_batch_linear
 
@@ -67,6 +73,20 @@ def main():
         base = base or t
         print(f"{q:>3}{t['stock']:>11.1f}{t['swapped']:>18.1f}{t['stock'] / t['swapped']:>8.2f}x"
               f"{t['stock'] / base['stock']:>17.2f}x{t['swapped'] / base['stock']:>11.2f}x")
+
+    print(f"\n{args.target} with SmallBatchLinear: one forward of q tokens (ms), the engine's grouped-query attention "
+          "against transformers' SDPA path with repeat_kv, median of 5 interleaved rounds")
+    print(f"{'context':>8}{'q':>3}{'repeat_kv':>11}{'grouped':>9}{'speedup':>9}")
+    for context in (60, 1000):
+        for q in (2, 5):
+            t = {"grouped": [], "repeat_kv": []}
+            for _ in range(5):
+                for name in t:
+                    kv.grouped_attention = grouped_attention if name == "grouped" else (lambda model: contextlib.nullcontext())
+                    t[name].append(forward_ms(swapped, q, max(6, args.repeats // 8), context))
+            kv.grouped_attention = grouped_attention
+            grouped, repeated = statistics.median(t["grouped"]), statistics.median(t["repeat_kv"])
+            print(f"{context:>8}{q:>3}{repeated:>11.1f}{grouped:>9.1f}{repeated / grouped:>8.2f}x")
 
 
 if __name__ == "__main__":
