@@ -17,7 +17,7 @@ SCHEMES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("int4_asy
 
 @pytest.fixture(params=["auto", "avx512_vnni", "avx512", "avx2", "generic"])
 def isa(request, monkeypatch):
-    """Every CPU path this machine can run: the best one (AMX at 5-16 rows where the CPU has it), AVX-512 with VNNI,
+    """Every CPU path this machine can run: the best one (AMX at 3-16 rows where the CPU has it), AVX-512 with VNNI,
     without it, AVX2, plain C++."""
     return use_cpu_path(request.param, monkeypatch)
 

@@ -42,7 +42,8 @@ def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[
         y = quantized_linear(x, packed, scales, zeros, scheme="int4", group_size=32, bias=linear.bias)
     """
     args = (x, packed, scales, zeros, scheme, group_size or 0, bias)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad or (bias is not None and bias.requires_grad))
+    tracked = (x, scales) if bias is None else (x, scales, bias)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
     if needs_grad or torch.compiler.is_compiling():
         return torch.ops.lightning_spec.quantized_linear(*args)
     # Nothing to differentiate: straight to the kernel, past the Python autograd kernel that register_autograd
