@@ -287,15 +287,16 @@ void pack_codes(const int8_t* codes, int64_t M, int64_t K, int64_t blocks, uint3
       std::memcpy(xt + (k / 4) * M + m, codes + m * K + k, std::min<int64_t>(4, K - k));
 }
 
-// 32 channels at a time, their int32 sums over all of K in C0-C1. The weight rows are tile operands as they lie;
-// the last step's, which may lack rows or end within a block, are copied zero-padded first.
+// 32 channels at a time, their int32 sums over all of K in C0-C1. The weight rows are tile operands as they lie
+// (a row's last block reads into the next row, against x's zero padding), unless that would read past the weight's
+// end: then the step's rows are copied zero-padded first.
 LS_AMX void w8a8_channels(const Operands& o, int64_t n0, int64_t n1) {
   alignas(64) int8_t edge[32 * kInputs8];
   alignas(64) int32_t sums[2][16 * 16];
   const int8_t* w = static_cast<const int8_t*>(o.w);
   const int64_t stride = 4 * o.M;
   for (int64_t n = n0; n < n1; n += 32) {
-    const bool in_place = n + 32 < o.N || (n + 32 == o.N && o.K % kInputs8 == 0);
+    const bool in_place = (n + 31) * o.K + o.blocks * kInputs8 <= o.N * o.K;
     _tile_zero(kC0);
     _tile_zero(kC1);
     for (int64_t b = 0; b < o.blocks; ++b) {

@@ -228,8 +228,8 @@ def test_amx_w8a8_is_the_streaming_kernels_bit_for_bit(monkeypatch):
     sums as the VNNI kernels, so the same floats, with channels past a 32-channel step and K past a 64-input block."""
     amx_only()
     g = torch.Generator().manual_seed(5)
-    for K in (63, 100, 576, 4096 + 36):
-        for N, M in [(1, 3), (31, 16), (33, 4), (64, 8), (300, 11)]:
+    for K in (8, 63, 100, 576, 4096 + 36):
+        for N, M in [(1, 3), (31, 16), (33, 4), (34, 5), (64, 8), (300, 11)]:
             w, x = torch.randn(N, K, generator=g) * 0.05, torch.randn(M, K, generator=g)
             packed, scales, _ = quantize_weight(w, "w8a8")
             monkeypatch.delenv("LIGHTNING_SPEC_QMATMUL_ISA", raising=False)
