@@ -182,6 +182,9 @@ def test_grouped_query_attention_needs_no_repeated_cache(pair, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
     grouped = logits()
     assert calls[-3:] == [(3, 2, 2 * 6, 8)] * 3  # per layer: 2 kv heads, each with its 2 query heads' 6 nodes
+    long = torch.randint(1, 512, (1, 16))  # 2 groups x 16 queries >= 4 heads x 8 dims: the mask would outgrow the cache
+    CachedLM(target, 1, ids.device).forward(long, torch.arange(16)[None], torch.ones(16, 16, dtype=torch.bool).tril()[None])
+    assert calls[-1] == (1, 4, 16, 8)  # transformers' path, the cache repeated per head
     monkeypatch.setattr(kv, "grouped_attention", lambda model: contextlib.nullcontext())
     torch.testing.assert_close(grouped, logits(), rtol=1e-5, atol=1e-5)
     assert target.config._attn_implementation == "sdpa"

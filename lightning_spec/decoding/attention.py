@@ -4,7 +4,8 @@ With a mask and more than one query token (every verification, and a draft's cat
 transformers' SDPA path repeats each key/value head for the query heads that share it (`repeat_kv`): a copy of the
 layer's whole cache per call. Here those query heads are stacked along the query axis instead, their mask rows
 repeated alongside, as transformers itself does for a single query token (`pack_gqa`). The numbers are SDPA's on
-the same scores.
+the same scores. The repeated mask (groups x q x L) outgrows the repeated cache (2 x heads x L x head_dim) on long
+queries, so those (a long prompt's prefill) keep transformers' path.
 """
 import contextlib
 
@@ -21,7 +22,8 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     [B or 1, 1, q, L]; returns ([B, q, H, D], None)."""
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, q, dim = query.shape
-    plain = groups == 1 or q == 1 or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1
+    plain = groups == 1 or q == 1 or groups * q >= heads * dim  # the repeated mask would reach half the repeated cache
+    plain = plain or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1
     if plain or any(kwargs.get(k) is not None for k in ("s_aux", "softcap", "position_bias")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
