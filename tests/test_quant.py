@@ -1,5 +1,7 @@
 """Quantization numerics, the compiled quantized_linear against its float64 reference (both CPU paths), QuantizedLinear,
 quantize_model, torch.compile, bad input."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,17 @@ def close(got, want, K):
 def test_compiled_op_is_in_use():
     assert active_implementation("quantized_linear") == "compiled"
     assert torch.ops.lightning_spec.qmatmul_cpu_isa() in ("amx", "avx512_vnni", "avx512", "avx2", "generic")
+
+
+def test_ci_takes_amx_where_the_cpu_has_it():
+    """In CI, a CPU that lists AMX (and the AVX-512 features its path uses) must run it: a failed permission request
+    or a wrong feature check would otherwise drop every AMX test to a skip and the kernels to a slower path."""
+    if os.environ.get("CI") != "true" or not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("checked in CI on Linux")
+    flags = set(open("/proc/cpuinfo").read().split())
+    if not {"amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512vbmi", "avx512_vnni"} <= flags:
+        pytest.skip("no AMX on this CPU")
+    assert torch.ops.lightning_spec.qmatmul_cpu_isa() == "amx"
 
 
 @pytest.mark.parametrize("scheme,group", SCHEMES)
