@@ -605,13 +605,10 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   Problem p{x_float.data_ptr<float>(), nullptr, nullptr, nullptr, w.data_ptr(), s.data_ptr<float>(),
             z.defined() ? z.data_ptr<uint8_t>() : nullptr, nullptr, M, N, K, grouped ? group_size : K};
 
-  at::Tensor xq16, xs;
-  at::Tensor xdq;  // w8a8 with large M: the activation as its codes times its scale
+  at::Tensor codes, xq16, xs;
   if (scheme == Scheme::kW8A8) {
-    at::Tensor codes;
     std::tie(codes, xs) = quantize_activation_per_token(x_float.view({M, K}));
     xq16 = codes.to(at::kShort).contiguous();
-    xdq = codes * xs.unsqueeze(1);
     p.xq = xq16.data_ptr<int16_t>();
     p.xs = xs.data_ptr<float>();
   }
@@ -631,7 +628,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
 
   at::Tensor y;
   if (!stream) {
-    y = at::linear(scheme == Scheme::kW8A8 ? xdq : x_float.view({M, K}), dequantize(p, scheme)).view(out_shape);
+    // w8a8: the activation as its codes times its scale
+    y = at::linear(scheme == Scheme::kW8A8 ? codes * xs.unsqueeze(1) : x_float.view({M, K}), dequantize(p, scheme)).view(out_shape);
   } else {
     y = at::empty(out_shape, at::kFloat);
     p.y = y.data_ptr<float>();
@@ -639,8 +637,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const bool amx = stream && isa == Isa::kAmx && M >= amx_min_rows(scheme) && M <= kAmxMaxRows;
   bool done = !stream;
   if (amx && scheme == Scheme::kW8A8) {
-    const auto codes = xq16.to(at::kChar);
-    amx_w8a8_linear(codes.data_ptr<int8_t>(), p.xs, static_cast<const int8_t*>(p.w), p.scales, p.y, M, N, K);
+    const auto codes8 = codes.to(at::kChar);
+    amx_w8a8_linear(codes8.data_ptr<int8_t>(), p.xs, static_cast<const int8_t*>(p.w), p.scales, p.y, M, N, K);
     done = true;
   } else if (amx) {
     done = amx_quantized_linear(p.x, p.w, p.scales, p.zeros, scheme, p.group, p.y, M, N, K);
