@@ -613,7 +613,16 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
     p.xs = xs.data_ptr<float>();
   }
 
+  const auto finish = [&](at::Tensor& y) {
+    if (bias) y.add_(*bias);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  };
   Isa isa = select_isa();
+  if (isa == Isa::kAmx && scheme == Scheme::kInt8 && M >= 1 && M <= kAmxFixedPointRows && K < kAmxFixedPointMaxK) {
+    at::Tensor y = at::empty(out_shape, at::kFloat);  // any finite x, however large: its fixed point is scaled to it
+    if (amx_int8_fixed_point_linear(p.x, static_cast<const int8_t*>(p.w), p.scales, y.data_ptr<float>(), M, N, K))
+      return finish(y);
+  }
   const bool stream = M > 0 && M <= kStreamRows && !(scheme == Scheme::kInt8 && isa != Isa::kGeneric && has_huge_value(p.x, M * K));
 #ifdef LS_X86
   std::unique_ptr<FixedPointBlock[]> xfixed;  // uninitialized: to_fixed_point writes every byte the kernel reads
@@ -655,8 +664,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
       generic_rows(p, scheme, n0, n1);
     });
   }
-  if (bias) y.add_(*bias);
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return finish(y);
 }
 
 }  // namespace lightning_spec

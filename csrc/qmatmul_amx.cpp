@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 
@@ -45,11 +46,11 @@ constexpr int64_t kInputs = 32;  // inputs per tile multiply: a 64-byte tile row
   } while (0)
 
 struct Operands {
-  const uint32_t* xt;  // [splits][blocks][16 pairs][M]: x's parts as bf16 pairs (w8a8: [blocks][16 quads][M])
+  const uint32_t* xt;  // [splits][blocks][16 pairs][M]: x's parts as bf16 pairs (w8a8: [blocks][16 quads][M];
+                       // int8 in fixed point: [blocks][16 quads][4 digits x M], and M counts those columns)
   const void* w;
   const float* scales;
   const uint8_t* zeros;
-  const float* x_scales;  // w8a8: [M]
   float* y;
   int64_t M, N, K, group, blocks;
 };
@@ -287,10 +288,12 @@ void pack_codes(const int8_t* codes, int64_t M, int64_t K, int64_t blocks, uint3
       std::memcpy(xt + (k / 4) * M + m, codes + m * K + k, std::min<int64_t>(4, K - k));
 }
 
-// 32 channels at a time, their int32 sums over all of K in C0-C1. The weight rows are tile operands as they lie
-// (a row's last block reads into the next row, against x's zero padding), unless that would read past the weight's
-// end: then the step's rows are copied zero-padded first.
-LS_AMX void w8a8_channels(const Operands& o, int64_t n0, int64_t n1) {
+// 32 channels at a time, their int32 sums over all of K in C0-C1, one per channel and column of xt; store(n, sums)
+// writes the outputs of channels n..n+15 (those below N) from their sums [16 channels, 16 columns]. The weight rows are tile operands as they lie (a row's last
+// block reads into the next row, against x's zero padding), unless that would read past the weight's end: then the
+// step's rows are copied zero-padded first.
+template <typename Store>
+LS_AMX void int8_code_channels(const Operands& o, int64_t n0, int64_t n1, const Store& store) {
   alignas(64) int8_t edge[32 * kInputs8];
   alignas(64) int32_t sums[2][16 * 16];
   const int8_t* w = static_cast<const int8_t*>(o.w);
@@ -317,10 +320,54 @@ LS_AMX void w8a8_channels(const Operands& o, int64_t n0, int64_t n1) {
     }
     _tile_stored(kC0, sums[0], 64);
     _tile_stored(kC1, sums[1], 64);
-    for (int64_t i = 0; i < 32 && n + i < o.N; ++i)
-      for (int64_t m = 0; m < o.M; ++m)
-        o.y[m * o.N + n + i] = float(sums[i / 16][i % 16 * 16 + m]) * o.x_scales[m] * o.scales[n + i];
+    store(n, sums[0]);
+    if (n + 16 < o.N) store(n + 16, sums[1]);
   }
+}
+
+// ---------------------------------------------------------------- int8 at 1-4 rows: x in fixed point
+
+// Row m's inputs as integers v = round(x * 2^shift[m]), |v| < 2^30, written in four balanced base-256 digits
+// (v = d0 2^24 + d1 2^16 + d2 2^8 + d3, each in [-128, 127]) into xt's columns 4m..4m+3 as int8 quads (zeros past K).
+// shift puts the row's largest |x| just under 2^30. False, having written part of xt, if x holds an inf or a NaN.
+LS_AMX bool to_digits(const float* x, int64_t M, int64_t K, int64_t blocks, uint32_t* xt, int* shift) {
+  const int64_t columns = 4 * M;
+  std::memset(xt, 0, blocks * 16 * columns * sizeof(uint32_t));
+  const __m512 inf = _mm512_set1_ps(INFINITY);
+  const __m512i half = _mm512_set1_epi32(128), byte = _mm512_set1_epi32(255);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    __m512 largest = _mm512_setzero_ps();
+    __mmask16 non_finite = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1, row + k));
+      non_finite |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);
+      largest = _mm512_max_ps(largest, v);
+    }
+    if (non_finite) return false;
+    int exponent;  // the largest |x| < 2^exponent
+    std::frexp(_mm512_reduce_max_ps(largest), &exponent);
+    shift[m] = 30 - exponent;
+    const __m512 scale = _mm512_set1_ps(float(shift[m]));
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = _mm512_maskz_loadu_ps(K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1, row + k);
+      __m512i rest = _mm512_cvtps_epi32(_mm512_scalef_ps(v, scale));  // x 2^shift without forming 2^shift; rounded to even
+      __m128i digit[4];
+      for (int d = 3; d >= 0; --d) {
+        const __m512i low = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(rest, half), byte), half);
+        digit[d] = _mm512_cvtepi32_epi8(low);
+        rest = _mm512_srai_epi32(_mm512_sub_epi32(rest, low), 8);
+      }
+      // digit[d] holds the quads of inputs k..k+15; each quad's four digits go to its xt row, columns 4m..4m+3
+      const __m128i t0 = _mm_unpacklo_epi32(digit[0], digit[1]), t1 = _mm_unpacklo_epi32(digit[2], digit[3]);
+      const __m128i t2 = _mm_unpackhi_epi32(digit[0], digit[1]), t3 = _mm_unpackhi_epi32(digit[2], digit[3]);
+      const __m128i quads[4] = {_mm_unpacklo_epi64(t0, t1), _mm_unpackhi_epi64(t0, t1), _mm_unpacklo_epi64(t2, t3),
+                                _mm_unpackhi_epi64(t2, t3)};
+      for (int q = 0; q < 4; ++q)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(xt + (k / 4 + q) * columns + 4 * m), quads[q]);
+    }
+  }
+  return true;
 }
 
 LS_AMX void release_tiles() { _tile_release(); }
@@ -346,7 +393,7 @@ bool amx_quantized_linear(const float* x, const void* packed, const float* scale
   std::unique_ptr<uint32_t[]> xt(new uint32_t[3 * blocks * 16 * M]);
   const int splits = split_x(x, M, K, blocks, xt.get());
   if (!splits) return false;
-  const Operands o{xt.get(), packed, scales, zeros, nullptr, y, M, N, K, group, blocks};
+  const Operands o{xt.get(), packed, scales, zeros, y, M, N, K, group, blocks};
   parallel_channels(M, N, K, scheme == Scheme::kInt8 ? 32 : 16, [&](int64_t n0, int64_t n1) {
     switch (splits) {
       case 1: return run_channels<1>(o, scheme, n0, n1);
@@ -363,8 +410,55 @@ void amx_w8a8_linear(const int8_t* codes, const float* x_scales, const int8_t* p
   const int64_t blocks = (K + kInputs8 - 1) / kInputs8;
   std::unique_ptr<uint32_t[]> xt(new uint32_t[blocks * 16 * M]);
   pack_codes(codes, M, K, blocks, xt.get());
-  const Operands o{xt.get(), packed, scales, nullptr, x_scales, y, M, N, K, 0, blocks};
-  parallel_channels(M, N, K, 32, [&](int64_t n0, int64_t n1) { w8a8_channels(o, n0, n1); });
+  const Operands o{xt.get(), packed, scales, nullptr, y, M, N, K, 0, blocks};
+  parallel_channels(M, N, K, 32, [&](int64_t n0, int64_t n1) {
+    int8_code_channels(o, n0, n1, [&](int64_t n, const int32_t* sums) {
+      for (int64_t i = 0; i < 16 && n + i < N; ++i)
+        for (int64_t m = 0; m < M; ++m) y[m * N + n + i] = float(sums[16 * i + m]) * x_scales[m] * scales[n + i];
+    });
+  });
+}
+
+// Channels n..n+15 (those below N) of y from their digits' sums [16 channels, 4 digits x M]: each row's digits
+// recombine in double (exactly while below 2^53), times the row's unit and the channel's scale.
+LS_AMX void store_fixed_point(const int32_t* sums, const float* scales, const double* unit, float* y, int64_t M,
+                              int64_t N, int64_t n) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(16));
+  const __mmask16 live = N - n >= 16 ? 0xFFFF : (1u << (N - n)) - 1;
+  const __m512 scale = _mm512_maskz_loadu_ps(live, scales + n);
+  const __m512d radix = _mm512_set1_pd(256.0);
+  for (int64_t m = 0; m < M; ++m) {
+    __m512i digit[4];
+    for (int d = 0; d < 4; ++d) digit[d] = _mm512_i32gather_epi32(_mm512_add_epi32(rows, _mm512_set1_epi32(int(4 * m + d))), sums, 4);
+    __m256 half[2];
+    for (int h = 0; h < 2; ++h) {
+      __m512d part[4];
+      for (int d = 0; d < 4; ++d)
+        part[d] = _mm512_cvtepi32_pd(h ? _mm512_extracti64x4_epi64(digit[d], 1) : _mm512_castsi512_si256(digit[d]));
+      const __m512d total = _mm512_fmadd_pd(_mm512_fmadd_pd(_mm512_fmadd_pd(part[0], radix, part[1]), radix, part[2]), radix, part[3]);
+      const __m256 channel_scale = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(scale), h));
+      half[h] = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(total, _mm512_set1_pd(unit[m])), _mm512_cvtps_pd(channel_scale)));
+    }
+    _mm512_mask_storeu_ps(y + m * N + n, live,
+                          _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(half[0])), _mm256_castps_pd(half[1]), 1)));
+  }
+}
+
+bool amx_int8_fixed_point_linear(const float* x, const int8_t* packed, const float* scales, float* y, int64_t M,
+                                 int64_t N, int64_t K) {
+  TORCH_INTERNAL_ASSERT(M >= 1 && M <= kAmxFixedPointRows && K < kAmxFixedPointMaxK);
+  const int64_t blocks = (K + kInputs8 - 1) / kInputs8, columns = 4 * M;
+  std::unique_ptr<uint32_t[]> xt(new uint32_t[blocks * 16 * columns]);
+  int shift[kAmxFixedPointRows];
+  if (!to_digits(x, M, K, blocks, xt.get(), shift)) return false;
+  double unit[kAmxFixedPointRows];
+  for (int64_t m = 0; m < M; ++m) unit[m] = std::ldexp(1.0, -shift[m]);
+  const Operands o{xt.get(), packed, scales, nullptr, y, columns, N, K, 0, blocks};
+  parallel_channels(columns, N, K, 32, [&](int64_t n0, int64_t n1) {
+    int8_code_channels(o, n0, n1, [&](int64_t n, const int32_t* sums) { store_fixed_point(sums, scales, unit, y, M, N, n); });
+  });
+  return true;
 }
 
 #else
@@ -374,6 +468,9 @@ bool amx_quantized_linear(const float*, const void*, const float*, const uint8_t
 }
 void amx_w8a8_linear(const int8_t*, const float*, const int8_t*, const float*, float*, int64_t, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "no AMX on this CPU");
+}
+bool amx_int8_fixed_point_linear(const float*, const int8_t*, const float*, float*, int64_t, int64_t, int64_t) {
+  return false;
 }
 #endif
 

@@ -184,7 +184,8 @@ def test_int4_non_finite_x_is_not_hidden(isa):
 
 def test_int8_holds_huge_inputs(isa):
     """int8's SIMD tiles scale the sum of x * code once per channel: a row with |x| >= 2^100, whose sum could overflow
-    there, is computed from the dequantized weight instead, finite like float64's."""
+    there, is computed from the dequantized weight instead, finite like float64's. AMX's fixed-point rows (1-4) scale
+    x to its largest |x| and stay finite too, within half a fixed-point unit per input (test_amx_int8_fixed_point_rows)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 256, generator=g) * 0.05
     packed, scales, _ = quantize_weight(w, "int8")
@@ -194,7 +195,11 @@ def test_int8_holds_huge_inputs(isa):
         x[0, 10] = 3e37
         got = quantized_linear(x, packed, scales, scheme="int8").double()
         assert got.isfinite().all()
-        assert ((got - x.double() @ weight.T).abs() <= 1e-5 * x.double().abs() @ weight.abs().T).all()
+        bound = 1e-5 * x.double().abs() @ weight.abs().T
+        if torch.ops.lightning_spec.qmatmul_cpu_isa() == "amx" and M <= 4:
+            half_unit = torch.exp2(torch.frexp(x.abs().amax(1))[1].double() - 31)
+            bound += half_unit.unsqueeze(1) * weight.abs().sum(1)
+        assert ((got - x.double() @ weight.T).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int4_asym"])
@@ -223,12 +228,12 @@ def amx_only():
 
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("w8a8", None), ("int4", 32), ("int4", 128), ("int4_asym", 64)])
 def test_amx_tiles_and_tails(scheme, group):
-    """AMX (w8a8 from 3 rows, int8 from 5, int4 from 6, up to 16): channel steps past N, input blocks past K (int8,
-    w8a8), groups spanning several blocks, rows on both sides of its limits."""
+    """AMX (int8 at 1-4 rows in fixed point and from 5 in bf16 parts, w8a8 from 3, int4 from 6, up to 16): channel
+    steps past N, input blocks past K (int8, w8a8), groups spanning several blocks, rows on both sides of its limits."""
     amx_only()
     g = torch.Generator().manual_seed(7)
     for K in ([100, 576, 4096 + 40] if group is None else [group, 4 * group, 4096]):
-        for N, M in [(1, 16), (17, 6), (40, 5), (33, 8), (300, 11), (20, 17)]:
+        for N, M in [(1, 16), (17, 6), (40, 5), (33, 8), (300, 11), (20, 17), (1, 1), (31, 2), (34, 3), (70, 4)]:
             w, x = torch.randn(N, K, generator=g) * 0.05, torch.randn(M, K, generator=g)
             x[:, 1] *= 300  # an outlier input
             packed, scales, zeros = quantize_weight(w, scheme, group)
@@ -249,6 +254,31 @@ def test_amx_w8a8_is_the_streaming_kernels_bit_for_bit(monkeypatch):
             got = quantized_linear(x, packed, scales, scheme="w8a8")
             monkeypatch.setenv("LIGHTNING_SPEC_QMATMUL_ISA", "avx512_vnni")
             assert torch.equal(got, quantized_linear(x, packed, scales, scheme="w8a8"))
+
+
+def test_amx_int8_fixed_point_rows():
+    """int8 at 1-4 rows multiplies the codes by x in fixed point, integer multiples of 2^(e - 30) where the row's
+    largest |x| < 2^e, in exact integer sums: a row within 1/64 of its largest |x| is exact, so each output is the
+    exact sum of codes * x, times the scale, correctly rounded (double rounding aside); a wide row's inputs move by at
+    most half a multiple. Only K >= 2^17, whose int32 sums could overflow, is left to the float kernels."""
+    amx_only()
+    g = torch.Generator().manual_seed(11)
+    K, N = 576, 300
+    packed, scales, _ = quantize_weight(torch.randn(N, K, generator=g) * 0.05, "int8")
+    exact = lambda x: (x.double() @ packed.double().T) * scales.double()  # noqa: E731  (int8's packed is its codes)
+    for M in (1, 2, 3, 4):
+        sign = torch.randint(0, 2, (M, K), generator=g) * 2 - 1
+        x = sign * (1 + 63 * torch.rand(M, K, generator=g)) * torch.logspace(-30, 30, M).unsqueeze(1)
+        want = exact(x)
+        assert ((quantized_linear(x, packed, scales, scheme="int8").double() - want).abs() <= want.abs() * 2**-24).all()
+        x = torch.randn(M, K, generator=g) * torch.logspace(-4, 4, K)[torch.randperm(K, generator=g)]  # wide
+        half_unit = torch.exp2(torch.frexp(x.abs().amax(1))[1].double() - 31)
+        bound = half_unit.unsqueeze(1) * (packed.double().abs() * scales.double().unsqueeze(1)).sum(1) + exact(x).abs() * 2**-24
+        assert ((quantized_linear(x, packed, scales, scheme="int8").double() - exact(x)).abs() <= bound).all()
+    K = 2**17
+    packed, scales, _ = quantize_weight(torch.randn(3, K, generator=g), "int8")
+    x = torch.randn(1, K, generator=g)
+    close(quantized_linear(x, packed, scales, scheme="int8"), reference.quantized_linear(x, packed, scales, scheme="int8"), K)
 
 
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4_asym", 32)])

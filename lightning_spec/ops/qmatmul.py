@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_spec.ops import _extension  # noqa: F401  (registers torch.ops.lightning_spec)
+from lightning_spec.ops._extension import _C  # registers torch.ops.lightning_spec
 from lightning_spec.quant.numerics import check_packed, dequantize_checked
 
 
@@ -41,15 +41,13 @@ def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[
         packed, scales, zeros = quantize_weight(linear.weight, "int4", group_size=32)
         y = quantized_linear(x, packed, scales, zeros, scheme="int4", group_size=32, bias=linear.bias)
     """
-    args = (x, packed, scales, zeros, scheme, group_size or 0, bias)
-    tracked = (x, scales) if bias is None else (x, scales, bias)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
-    if needs_grad or torch.compiler.is_compiling():
-        return torch.ops.lightning_spec.quantized_linear(*args)
-    # Nothing to differentiate: straight to the kernel, past the Python autograd kernel that register_autograd
-    # installs, which costs ~4 us a call (a decode step's whole layer can take 20).
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.lightning_spec.quantized_linear.default(*args)
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() and (
+            x.requires_grad or scales.requires_grad or bias is not None and bias.requires_grad):
+        return torch.ops.lightning_spec.quantized_linear(x, packed, scales, zeros, scheme, group_size or 0, bias)
+    # Nothing to differentiate: the same op through the dispatcher below autograd, by a direct binding. torch.ops'
+    # call and the Python autograd kernel that register_autograd installs cost ~4 us together; a decode step's whole
+    # layer can take 10.
+    return _C.quantized_linear_below_autograd(x, packed, scales, zeros, scheme, group_size or 0, bias)
 
 
 @torch.library.register_fake("lightning_spec::quantized_linear")
