@@ -3,8 +3,8 @@
 // Small M (decode and verification batches, M <= kStreamRows): the weight is streamed once; each tile of NR
 // output channels x MR rows keeps NR*MR accumulators, and each weight chunk is widened once for all MR rows.
 // at::parallel_for splits the output channels. Large M is compute-bound: dequantize once and let ATen's GEMM run.
-// Paths, chosen at run time (cpu_isa.h): AMX at 3-16 rows (qmatmul_amx.cpp), AVX-512 (VNNI
-// for w8a8's int16 dot, and for int4 at M <= 2 with x in fixed point), AVX2+FMA, plain C++.
+// Paths, chosen at run time (cpu_isa.h): AMX (qmatmul_amx.cpp: int8 at 1-16 rows, int4 at 6-16, w8a8 at 3-16),
+// AVX-512 (VNNI for w8a8's int16 dot, and for int4 at M <= 2 with x in fixed point), AVX2+FMA, plain C++.
 #include "qmatmul.h"
 
 #include <ATen/Parallel.h>

@@ -1,8 +1,11 @@
-// AMX path of lightning_spec::quantized_linear at 3-16 rows (a verification batch; amx_min_rows per scheme). There
+// AMX paths of lightning_spec::quantized_linear. From 3-6 rows to 16 (a verification batch; amx_min_rows per scheme)
 // the streaming kernels (qmatmul.cpp) are bound by their FMAs, 16 multiply-adds per instruction, and bf16 F.linear on
-// AMX beats them; a tile multiply here does 16 channels x M rows x 32 inputs (bf16) or 64 (int8).
+// AMX beats them; a tile multiply here does 16 channels x M rows x 32 inputs (bf16) or 64 (int8). Below, int8 at 1-4
+// rows (a decode step) multiplies int8 tiles of its codes by x in fixed point, where the streaming kernels are bound
+// by widening each code to a float.
 //
-// Every product is exact, so the result differs from the float kernels only in fp32 summation order:
+// From amx_min_rows, every product is exact, so the result differs from the float kernels only in fp32 summation
+// order:
 // - each weight enters as its integer code c - z (|c - z| <= 128: exact in bf16) and the scale multiplies the sums,
 //   once per channel (int8) or per group (int4, from the tile of the group's partial sums);
 // - x enters as up to three bf16 parts, hi + mid + lo == x exactly (8 + 8 + 8 significand bits; hi and mid cut off,
@@ -10,7 +13,8 @@
 // Tiles (C = W x^T): C0-C1 fp32 [16 channels, M rows], W0-W1 bf16 codes [16 channels, 32 inputs], X0-X2 the parts of
 // x as bf16 pairs [16 input pairs, M rows], two inputs of one row per 32-bit element.
 // w8a8 multiplies int8 codes into int32 (exact, as its other kernels), reading the packed weight in place: C0-C1 int32,
-// W0-W1 [16 channels, 64 inputs], X0 x's codes as quads [16 input quads, M rows].
+// W0-W1 [16 channels, 64 inputs], X0 x's codes as quads [16 input quads, M rows]. int8 in fixed point is the same
+// with four columns per row, one per digit of x.
 #include "qmatmul_amx.h"
 
 #include <ATen/Parallel.h>
@@ -372,13 +376,14 @@ LS_AMX bool to_digits(const float* x, int64_t M, int64_t K, int64_t blocks, uint
 
 LS_AMX void release_tiles() { _tile_release(); }
 
-// Splits N over threads, each with its own tile configuration (thread state), in steps of `channels`.
+// Splits N over threads, each with its own tile configuration (thread state, x and C tiles of `columns`), in steps of
+// `channels`.
 template <typename Run>
-void parallel_channels(int64_t M, int64_t N, int64_t K, int64_t channels, const Run& run) {
+void parallel_channels(int64_t M, int64_t columns, int64_t N, int64_t K, int64_t channels, const Run& run) {
   // A thread per ~256K multiply-adds at least: below that, waking a second thread costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (channels * K * M));
   at::parallel_for(0, (N + channels - 1) / channels, grain, [&](int64_t t0, int64_t t1) {
-    configure_tiles(M);
+    configure_tiles(columns);
     run(t0 * channels, std::min(N, t1 * channels));
     release_tiles();
   });
@@ -394,7 +399,7 @@ bool amx_quantized_linear(const float* x, const void* packed, const float* scale
   const int splits = split_x(x, M, K, blocks, xt.get());
   if (!splits) return false;
   const Operands o{xt.get(), packed, scales, zeros, y, M, N, K, group, blocks};
-  parallel_channels(M, N, K, scheme == Scheme::kInt8 ? 32 : 16, [&](int64_t n0, int64_t n1) {
+  parallel_channels(M, M, N, K, scheme == Scheme::kInt8 ? 32 : 16, [&](int64_t n0, int64_t n1) {
     switch (splits) {
       case 1: return run_channels<1>(o, scheme, n0, n1);
       case 2: return run_channels<2>(o, scheme, n0, n1);
@@ -411,7 +416,7 @@ void amx_w8a8_linear(const int8_t* codes, const float* x_scales, const int8_t* p
   std::unique_ptr<uint32_t[]> xt(new uint32_t[blocks * 16 * M]);
   pack_codes(codes, M, K, blocks, xt.get());
   const Operands o{xt.get(), packed, scales, nullptr, y, M, N, K, 0, blocks};
-  parallel_channels(M, N, K, 32, [&](int64_t n0, int64_t n1) {
+  parallel_channels(M, M, N, K, 32, [&](int64_t n0, int64_t n1) {
     int8_code_channels(o, n0, n1, [&](int64_t n, const int32_t* sums) {
       for (int64_t i = 0; i < 16 && n + i < N; ++i)
         for (int64_t m = 0; m < M; ++m) y[m * N + n + i] = float(sums[16 * i + m]) * x_scales[m] * scales[n + i];
@@ -455,7 +460,7 @@ bool amx_int8_fixed_point_linear(const float* x, const int8_t* packed, const flo
   double unit[kAmxFixedPointRows];
   for (int64_t m = 0; m < M; ++m) unit[m] = std::ldexp(1.0, -shift[m]);
   const Operands o{xt.get(), packed, scales, nullptr, y, columns, N, K, 0, blocks};
-  parallel_channels(columns, N, K, 32, [&](int64_t n0, int64_t n1) {
+  parallel_channels(M, columns, N, K, 32, [&](int64_t n0, int64_t n1) {
     int8_code_channels(o, n0, n1, [&](int64_t n, const int32_t* sums) { store_fixed_point(sums, scales, unit, y, M, N, n); });
   });
   return true;

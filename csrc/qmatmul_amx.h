@@ -1,4 +1,4 @@
-// AMX path of lightning_spec::quantized_linear at a few rows (qmatmul_amx.cpp).
+// AMX paths of lightning_spec::quantized_linear at up to 16 rows (qmatmul_amx.cpp).
 #pragma once
 #include <cstdint>
 
@@ -6,8 +6,9 @@
 
 namespace lightning_spec {
 
-// Fewest rows the AMX path takes: below, the streaming kernels are faster (measured on the AMX Xeon: w8a8 from 3
-// rows, int8 from 5, int4 from 6; the streaming kernels' 4-row tiles need a second pass over the weight from 5).
+// Fewest rows the bf16-parts and w8a8 path takes: below, the streaming kernels are faster (measured on the AMX Xeon:
+// w8a8 from 3 rows, int8 from 5, int4 from 6; the streaming kernels' 4-row tiles need a second pass over the weight
+// from 5), unless the fixed-point paths below take them.
 inline int64_t amx_min_rows(Scheme scheme) { return scheme == Scheme::kW8A8 ? 3 : scheme == Scheme::kInt8 ? 5 : 6; }
 constexpr int64_t kAmxMaxRows = 16;  // a tile's 64-byte rows hold 16 rows' fp32 results
 
