@@ -385,6 +385,20 @@ def test_quantized_model_compiles(scheme, group):
     torch.testing.assert_close(grad, x.grad)
 
 
+def test_no_grad_calls_go_through_the_dispatcher():
+    """A call that needs no gradient takes the op's direct binding, which still dispatches: fake and meta tensors get
+    the fake implementation's shape and checks, as through torch.ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    packed, scales, _ = quantize_weight(torch.randn(64, 128), "int4", 32)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert quantized_linear(torch.empty(3, 128), packed, scales, scheme="int4", group_size=32).shape == (3, 64)
+        with pytest.raises(ValueError, match="x has 100 input features"):
+            quantized_linear(torch.empty(3, 100), packed, scales, scheme="int4", group_size=32)
+    y = quantized_linear(torch.empty(2, 5, 128, device="meta"), packed.to("meta"), scales.to("meta"), scheme="int4", group_size=32)
+    assert y.device.type == "meta" and y.shape == (2, 5, 64)
+
+
 def test_bad_input_is_named_under_compile_too():
     """Tracing runs the fake implementation, which checks what the compiled op checks."""
     packed, scales, _ = quantize_weight(torch.randn(16, 128), "int4", 32)
