@@ -529,6 +529,33 @@ void simd_rows(const Problem& p, Scheme scheme, Isa isa, int64_t n0, int64_t n1)
 
 #endif  // LS_X86
 
+// w8a8's per-token quantization of finite rows in one pass each, bit for bit quantize_activation_per_token's
+// numerics, whose dozen ATen calls cost ~30 us at a decode step's few rows: codes as int16 (the streaming kernels) and
+// int8 (AMX), and scales. False if x holds an inf or a NaN (that function's rules then apply).
+bool quantize_rows(const float* x, int64_t M, int64_t K, int16_t* codes16, int8_t* codes8, float* scales) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    float lo = 0.f, hi = 0.f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      finite &= std::isfinite(row[k]);
+      lo = std::min(lo, row[k]);
+      hi = std::max(hi, row[k]);
+    }
+    if (!finite) return false;
+    const float scale = exact_scale(std::max(std::max(-lo / 128.f, hi / 127.f), kTinyScale), kInt8SpareBits);
+    scales[m] = scale;
+    for (int64_t k = 0; k < K; ++k) {
+      // clamped, then rounded half to even by adding and taking away 1.5 * 2^23: round-then-clamp's codes
+      const float clamped = std::min(std::max(row[k] / scale, -128.f), 127.f);
+      const float code = (clamped + 12582912.f) - 12582912.f;
+      codes16[m * K + k] = int16_t(code);
+      codes8[m * K + k] = int8_t(code);
+    }
+  }
+  return true;
+}
+
 // int8's SIMD tiles sum x * code and scale the sum once per channel, so an |x| near float32's limit could overflow
 // there where x * (code * scale) does not: such a call dequantizes first, like a large M.
 bool has_huge_value(const float* x, int64_t n) {
@@ -605,11 +632,22 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   Problem p{x_float.data_ptr<float>(), nullptr, nullptr, nullptr, w.data_ptr(), s.data_ptr<float>(),
             z.defined() ? z.data_ptr<uint8_t>() : nullptr, nullptr, M, N, K, grouped ? group_size : K};
 
-  at::Tensor codes, xq16, xs;
+  at::Tensor codes, xq16, xq8, xs;  // w8a8: codes as floats for large M (and non-finite rows), as integers for few
   if (scheme == Scheme::kW8A8) {
-    std::tie(codes, xs) = quantize_activation_per_token(x_float.view({M, K}));
-    xq16 = codes.to(at::kShort).contiguous();
-    p.xq = xq16.data_ptr<int16_t>();
+    const bool few_rows = M > 0 && M <= kStreamRows;  // the streaming and AMX kernels', which read integer codes
+    if (few_rows) {
+      xq16 = at::empty({M, K}, at::kShort);
+      xq8 = at::empty({M, K}, at::kChar);
+      xs = at::empty({M}, at::kFloat);
+    }
+    if (!few_rows || !quantize_rows(p.x, M, K, xq16.data_ptr<int16_t>(), xq8.data_ptr<int8_t>(), xs.data_ptr<float>())) {
+      std::tie(codes, xs) = quantize_activation_per_token(x_float.view({M, K}));
+      if (few_rows) {
+        xq16 = codes.to(at::kShort).contiguous();
+        xq8 = codes.to(at::kChar).contiguous();
+      }
+    }
+    p.xq = few_rows ? xq16.data_ptr<int16_t>() : nullptr;
     p.xs = xs.data_ptr<float>();
   }
 
@@ -646,8 +684,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const bool amx = stream && isa == Isa::kAmx && M >= amx_min_rows(scheme) && M <= kAmxMaxRows;
   bool done = !stream;
   if (amx && scheme == Scheme::kW8A8) {
-    const auto codes8 = codes.to(at::kChar);
-    amx_w8a8_linear(codes8.data_ptr<int8_t>(), p.xs, static_cast<const int8_t*>(p.w), p.scales, p.y, M, N, K);
+    amx_w8a8_linear(xq8.data_ptr<int8_t>(), p.xs, static_cast<const int8_t*>(p.w), p.scales, p.y, M, N, K);
     done = true;
   } else if (amx) {
     done = amx_quantized_linear(p.x, p.w, p.scales, p.zeros, scheme, p.group, p.y, M, N, K);

@@ -221,6 +221,23 @@ def test_int4_float_paths_hold_outliers_and_huge_inputs(isa, scheme):
         assert ((got - rows.double() @ weight.T).abs() <= 1e-5 * rows.double().abs() @ weight.abs().T).all()
 
 
+def test_w8a8_quantizes_few_rows_in_one_pass(isa):
+    """At up to 16 rows, w8a8 quantizes its finite rows per token in one C++ pass; a row with a NaN sends the call to
+    the ATen ops that quantize larger batches. Both give the same codes and scales: the other rows' outputs are equal
+    bit for bit (zero, tiny, huge and ordinary rows, every CPU path)."""
+    g = torch.Generator().manual_seed(17)
+    for K in (5, 64, 576):
+        for M in (1, 3, 8, 15):
+            packed, scales, _ = quantize_weight(torch.randn(70, K, generator=g), "w8a8")
+            x = torch.randn(M + 1, K, generator=g) * torch.logspace(-3, 3, M + 1).unsqueeze(1)
+            x[0] = 1e-30
+            if M > 2:
+                x[1], x[2, 0] = 0, 3e38
+            x[M, 1] = float("nan")
+            assert torch.equal(quantized_linear(x[:M], packed, scales, scheme="w8a8"),
+                               quantized_linear(x, packed, scales, scheme="w8a8")[:M])
+
+
 def amx_only():
     if torch.ops.lightning_spec.qmatmul_cpu_isa() != "amx":
         pytest.skip("no AMX on this CPU")
