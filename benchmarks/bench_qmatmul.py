@@ -4,7 +4,8 @@ Baselines: fp32 `F.linear` (the ratio the goals are set on), bf16 `F.linear`, `t
 `torch._weight_int4pack_mm_for_cpu` (group 32). Effective GB/s counts the packed weight bytes read once per call,
 beside a measured copy bandwidth (a 256 MiB tensor copy: bytes read + written). Median of many runs (on the CPU, the
 median of 5 rounds in which the calls take turns), ratios in one
-run, on however many threads torch uses (2 on the build machine). With --device cuda: kernel times from CUDA graph
+run, on however many threads torch uses (2 on the build machine). On the CPU also w8a8 against fp32, and a small
+call's cost through quantized_linear against torch.ops. With --device cuda: kernel times from CUDA graph
 replays (no Python or launch overhead), each call on its own copy of the operands, the copies together four times
 the L2 cache, so the weights stream from device memory as in a model's forward.
 
@@ -156,8 +157,32 @@ def main():
                   f"{t['fp32'] / t['int8']:>9.2f}x {t['fp32'] / t['int4']:>9.2f}x {t['bf16'] / t['int8']:>9.2f}x {t['bf16'] / t['int4']:>9.2f}x "
                   f"{versus_torch} {bytes8 / t['int8'] / 1e3:>10.1f} {bytes4 / t['int4'] / 1e3:>10.1f}")
     print("goals at M=1: int8 >= 2.5x and int4 >= 4x fp32; both >= 5x torch's int8/int4 ops; at M=8: not slower than bf16")
+    if dev == "cpu":
+        w8a8_and_call_overhead(args.m, args.repeats)
     if dev == "cpu" and args.draft and Path(args.draft).is_dir():
         end_to_end(args.draft, args.repeats, args.compile)
+
+
+def w8a8_and_call_overhead(rows, repeats: int):
+    """w8a8 (per-token int8 activations, quantized in the call) against fp32 `F.linear`, and what a call costs beside
+    its kernel: `quantized_linear` (no gradient: the op's direct binding) against `torch.ops.lightning_spec.
+    quantized_linear` (torch.ops' boxed call and the Python autograd kernel) on a 16x64 int8 layer."""
+    print(f"\nw8a8 against fp32 F.linear, median of {repeats}, median of 5 interleaved rounds")
+    print(f"{'M':>3} {'N x K':>12} {'fp32 us':>9} {'w8a8 us':>9} {'w8a8/fp32':>10}")
+    for M in rows:
+        for N, K in SHAPES:
+            w, x = torch.randn(N, K) * 0.02, torch.randn(M, K)
+            pw, sw, _ = quantize_weight(w, "w8a8")
+            t = interleaved_us({"fp32": lambda: F.linear(x, w), "w8a8": lambda: quantized_linear(x, pw, sw, scheme="w8a8")}, repeats)
+            print(f"{M:>3} {f'{N}x{K}':>12} {t['fp32']:>9.1f} {t['w8a8']:>9.1f} {t['fp32'] / t['w8a8']:>9.2f}x")
+    p8, s8, _ = quantize_weight(torch.randn(16, 64), "int8")
+    x = torch.randn(1, 64)
+    t = interleaved_us({
+        "binding": lambda: quantized_linear(x, p8, s8, scheme="int8"),
+        "torch.ops": lambda: torch.ops.lightning_spec.quantized_linear(x, p8, s8, None, "int8", 0, None),
+    }, 20 * repeats)
+    print(f"a 16x64 int8 call: quantized_linear {t['binding']:.2f} us, torch.ops {t['torch.ops']:.2f} us "
+          f"({t['torch.ops'] / t['binding']:.2f}x)")
 
 
 def end_to_end(draft_dir: str, repeats: int, compiled: bool, new_tokens: int = 48):
