@@ -293,9 +293,9 @@ void pack_codes(const int8_t* codes, int64_t M, int64_t K, int64_t blocks, uint3
 }
 
 // 32 channels at a time, their int32 sums over all of K in C0-C1, one per channel and column of xt; store(n, sums)
-// writes the outputs of channels n..n+15 (those below N) from their sums [16 channels, 16 columns]. The weight rows are tile operands as they lie (a row's last
-// block reads into the next row, against x's zero padding), unless that would read past the weight's end: then the
-// step's rows are copied zero-padded first.
+// writes the outputs of channels n..n+15 (those below N) from their sums [16 channels, 16 columns]. The weight rows
+// are tile operands as they lie (a row's last block reads into the next row, against x's zero padding), unless that
+// would read past the weight's end: then the step's rows are copied zero-padded first.
 template <typename Store>
 LS_AMX void int8_code_channels(const Operands& o, int64_t n0, int64_t n1, const Store& store) {
   alignas(64) int8_t edge[32 * kInputs8];

@@ -30,8 +30,10 @@ def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[
     weight for small batches (decode, verification) and dequantize once for large ones. On AVX-512 VNNI, int4 with
     one or two rows reads x in 22-bit block fixed point (each input within 2^-22 of its 32-input chunk's largest
     |x|, about float32's own rounding unless an outlier dwarfs the rest of its chunk), to multiply nibbles with VNNI's
-    exact int8 dot products. On AMX, int8 from 5 rows and int4 from 6 (up to 16) take tile multiplies whose products
-    are exact (integer codes, x in three bf16 parts that sum to it), and w8a8 from 3 int8 tile multiplies.
+    exact int8 dot products. On AMX, int8 at 1-4 rows multiplies its codes by x in fixed point with int8 tile
+    multiplies (each row rounded to multiples of 2^-30 of its largest |x|, exact integer sums); int8 from 5 rows and
+    int4 from 6 (up to 16) take tile multiplies whose products are exact (integer codes, x in three bf16 parts that
+    sum to it), and w8a8 from 3 int8 tile multiplies.
 
     Differentiable in ``x`` (grad @ the dequantized weight; straight through w8a8's activation rounding) and ``bias``,
     e.g. for adapters trained over a frozen quantized model; the packed weight and its scales are constants.
