@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from lightning_spec.decoding import chain, speculative_generate, target_generate, topk_tree, warp
 from lightning_spec.decoding.engine import one_hot_argmax
@@ -312,6 +313,45 @@ def test_a_quantized_draft_head_included_decodes_like_the_target(pair):
     ids, mask = ragged_prompts()
     out = speculative_generate(target, draft, ids, 24, attention_mask=mask, gamma=3, eos_token_id=[])
     assert torch.equal(out.tokens, hf_greedy(target, ids, mask, 24)) and out.stats.accepted > 0
+
+
+SLIDING = {  # a window of 5 positions, far shorter than 9 prompt + 30 new tokens
+    "mistral": lambda **kw: MistralForCausalLM(MistralConfig(sliding_window=5, **kw)),  # every layer slides
+    "qwen2": lambda **kw: Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=5, max_window_layers=1, **kw)),
+    "gemma3": lambda **kw: Gemma3ForCausalLM(Gemma3TextConfig(
+        sliding_window=5, head_dim=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"], **kw)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(SLIDING))
+def test_sliding_window_layers_decode_like_generate(arch, monkeypatch):
+    """Sliding-window layers (all of them, or mixed with full attention) keep every slot in the engine's cache and
+    hide what lies 5 or more positions back, as transformers does: greedy output equals generate's for chains
+    and trees. Without the window (every layer read as full attention) the output differs."""
+    import lightning_spec.decoding.kv as kv
+
+    torch.manual_seed(0)
+    target = SLIDING[arch](vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=None,
+                           eos_token_id=None, tie_word_embeddings=False).eval()
+    with torch.no_grad():
+        target.lm_head.weight.mul_(8.0)
+    draft = build_draft(target, layers=[0])
+    ids = torch.randint(1, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+    expected = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+    for shape in (dict(gamma=3), dict(tree=topk_tree([2, 2]))):
+        assert torch.equal(speculative_generate(target, draft, ids, 30, eos_token_id=[], **shape).tokens, expected), shape
+    assert torch.equal(target_generate(target, ids, 30, eos_token_id=[]).tokens, expected)
+    monkeypatch.setattr(kv, "attention_windows", lambda config: {"full_attention": None})
+    assert not torch.equal(target_generate(target, ids, 30, eos_token_id=[]).tokens, expected)
+
+
+def test_other_attention_kinds_are_refused(pair):
+    target = copy.deepcopy(pair[0])
+    target.config.attention_chunk_size = 4  # chunked attention (Llama 4): not a window the engine can mask
+    with pytest.raises(ValueError, match="chunked_attention"):
+        target_generate(target, torch.tensor([[5, 6, 7]]), 4)
 
 
 def test_vocabulary_mismatch_is_refused(pair):

@@ -5,6 +5,8 @@ but a token is visible to later queries only once it is *committed*: a rejected 
 committed, so rollback costs nothing and rows may accept different numbers of tokens (ragged batches). The
 attention mask and position ids are built here from the committed slots, so positions count committed tokens only.
 When rejected slots outnumber the committed ones, `compact` gathers each row's committed slots to the front.
+Sliding-window layers (Mistral, Gemma 2/3, Qwen with use_sliding_window) keep every slot too: their mask also hides
+keys at or beyond the window, counted in positions (committed tokens), not in slots.
 """
 import time
 from typing import Optional
@@ -12,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
 
 from lightning_spec.decoding.attention import grouped_attention
 
@@ -50,16 +52,28 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def attention_windows(config) -> dict:
+    """{layer type: sliding window or None} of a model's attention layers ("full_attention" / "sliding_attention",
+    as transformers' DynamicCache reads them from the config); other kinds (chunked, recurrent, shared) are refused."""
+    types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    windows = {}
+    for kind, extra in zip(types, kwargs):
+        window = extra.get("sliding_window") if kind == "sliding_attention" else None
+        if kind not in ("full_attention", "sliding_attention") or windows.get(kind, window) != window:
+            raise ValueError(f"the decoding engine takes full-attention and sliding-window layers (one window); "
+                             f"{config.model_type} has {kind!r} layers{f' of window {window}' if window else ''}")
+        windows[kind] = window
+    return windows
+
+
 class CachedLM:
     def __init__(self, model, batch_size: int, device: torch.device):
         self.model = model
+        self.windows = attention_windows(model.config)
         self.cache = DynamicCache(config=model.config)
-        if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
-            raise ValueError(
-                f"the decoding engine needs full-attention layers; {model.config.model_type} uses sliding-window or other caches"
-            )
-        self.cache.layers = [GrowingLayer() for _ in self.cache.layers]
+        self.cache.layers = [GrowingLayer() for _ in self.cache.layers]  # sliding layers too: every slot stays
         self.committed = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, slots]
+        self.positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # [B, slots]: each slot's position
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # committed tokens per row
         self._min = torch.finfo(model.dtype).min
         self.seconds = 0.0  # time spent in forward, for cost ratios
@@ -79,7 +93,10 @@ class CachedLM:
         if see_old is not None:
             old = old | see_old
         visible = torch.cat([old, see_new.expand(B, q, q)], dim=2)
-        mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=tokens.device).masked_fill_(~visible, self._min)
+        self.positions = torch.cat([self.positions, positions.expand(B, q)], dim=1)
+        masks = {kind: self._additive(visible, window, positions.expand(B, q)) for kind, window in self.windows.items()}
+        # one kind: a plain 4D mask (what Mistral and Phi-3 take); both: transformers' per-kind mapping
+        mask = next(iter(masks.values())) if len(masks) == 1 else masks
         if logits_to_keep:
             # indices, not transformers' int (a slice): the slice is a strided view of the hidden states, which
             # CPU bf16 matmul multiplies with the head by broadcasting it per row (8 GB and ~10 s at B=160)
@@ -87,7 +104,7 @@ class CachedLM:
         start = time.perf_counter()
         with grouped_attention(self.model):
             out = self.model(
-                input_ids=tokens, attention_mask=mask[:, None], position_ids=positions,
+                input_ids=tokens, attention_mask=mask, position_ids=positions,
                 cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
             )
         self.committed = torch.cat([self.committed, self.committed.new_zeros(B, q)], dim=1)
@@ -96,6 +113,13 @@ class CachedLM:
             torch.cuda.synchronize(logits.device)  # the time belongs to this model
         self.seconds += time.perf_counter() - start
         return logits
+
+    def _additive(self, visible: Tensor, window: Optional[int], positions: Tensor) -> Tensor:
+        """[B, 1, q, slots] float mask: 0 where visible, the dtype's min elsewhere; a sliding window also hides keys
+        ``window`` or more positions behind the query (transformers' ``kv_idx > q_idx - window``)."""
+        if window is not None:
+            visible = visible & (positions[:, :, None] - self.positions[:, None, :] < window)
+        return torch.zeros(visible.shape, dtype=self.model.dtype, device=visible.device).masked_fill_(~visible, self._min)[:, None]
 
     def commit(self, keep: Tensor) -> None:
         """Commit the last ``keep.shape[1]`` slots where ``keep`` [B, k] is true."""
@@ -109,7 +133,7 @@ class CachedLM:
             if not layer.is_initialized:
                 continue
             layer.keys, layer.values = layer.keys[rows], layer.values[rows]
-        self.committed, self.length = self.committed[rows], self.length[rows]
+        self.committed, self.length, self.positions = self.committed[rows], self.length[rows], self.positions[rows]
 
     def compact(self) -> None:
         """Move each row's committed slots to the front (left-padded) once rejected slots dominate."""
@@ -126,4 +150,4 @@ class CachedLM:
             B, H, _, D = layer.keys.shape
             gather = index[:, None, :, None].expand(B, H, kept, D)
             layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
-        self.committed = self.committed.gather(1, index)
+        self.committed, self.positions = self.committed.gather(1, index), self.positions.gather(1, index)
