@@ -10,7 +10,7 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llam
                           Qwen2Config, Qwen2ForCausalLM)
 
 from lightning_spec.decoding import chain, speculative_generate, target_generate, topk_tree, warp
-from lightning_spec.decoding.engine import one_hot_argmax
+from lightning_spec.decoding.engine import argmax, one_hot_argmax
 from lightning_spec.decoding.kv import CachedLM
 from lightning_spec.models import build_draft, load_causal_lm
 from lightning_spec.quant import quantize_model
@@ -69,6 +69,15 @@ def test_greedy_equals_the_targets_greedy(pair, shape):
     s = out.stats
     assert s.new_tokens == 3 * 40 and s.row_rounds >= s.target_calls and s.accepted <= s.drafted
     assert s.position_attempts[0] == s.row_rounds  # position 1 is verified every round
+
+
+def test_argmax_is_tensor_argmax():
+    """The engine's argmax (through ``max``): Tensor.argmax's index on ties (the first) and with NaN, at vocabulary sizes."""
+    g = torch.Generator().manual_seed(0)
+    for V in (1, 7, 49152, 50001):
+        logits = torch.randint(-3, 3, (4, 3, V), generator=g).float()  # ties at the maximum
+        logits[1, :, V // 2] = float("nan")
+        assert torch.equal(argmax(logits), logits.argmax(-1))
 
 
 def test_greedy_verification_reads_the_logits_argmax():

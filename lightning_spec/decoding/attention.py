@@ -8,8 +8,10 @@ the same scores. The repeated mask (groups x q x L) outgrows the repeated cache 
 queries, so those (a long prompt's prefill) keep transformers' path.
 """
 import contextlib
+from typing import Optional
 
 import torch.nn.functional as F
+from torch import Tensor
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -28,9 +30,23 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     packed = query.reshape(batch, heads // groups, groups * q, dim)  # head h * groups + g -> rows g * q .. g * q + q - 1
-    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask.repeat(1, 1, groups, 1),
-                                         dropout_p=dropout, scale=scaling)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=_repeated(attention_mask, groups), dropout_p=dropout,
+                                         scale=scaling)
     return out.reshape(batch, heads, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+# Inside grouped_attention: (id of a mask, groups) -> (that mask, kept alive so the id stays its own, its repeat). Every
+# layer of a forward gets the same mask, so it is repeated once per forward instead of once per layer.
+_repeats: Optional[dict] = None
+
+
+def _repeated(mask: Tensor, groups: int) -> Tensor:
+    if _repeats is None:
+        return mask.repeat(1, 1, groups, 1)
+    key = (id(mask), groups)
+    if key not in _repeats:
+        _repeats[key] = (mask, mask.repeat(1, 1, groups, 1))
+    return _repeats[key][1]
 
 
 AttentionInterface.register(NAME, grouped_sdpa_attention)
@@ -45,8 +61,11 @@ def grouped_attention(model):
     if config._attn_implementation != "sdpa":
         yield
         return
+    global _repeats
+    outer, _repeats = _repeats, {}
     config._attn_implementation = NAME
     try:
         yield
     finally:
         config._attn_implementation = "sdpa"
+        _repeats = outer
