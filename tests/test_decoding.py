@@ -10,9 +10,10 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llam
                           Qwen2Config, Qwen2ForCausalLM)
 
 from lightning_spec.decoding import chain, speculative_generate, target_generate, topk_tree, warp
-from lightning_spec.decoding.engine import argmax, one_hot_argmax
+from lightning_spec.decoding.engine import argmax, verify_greedy
 from lightning_spec.decoding.kv import CachedLM
 from lightning_spec.models import build_draft, load_causal_lm
+from lightning_spec.ops import verify_tree
 from lightning_spec.quant import quantize_model
 
 from chisquare import chi_square_pvalue
@@ -85,7 +86,30 @@ def test_greedy_verification_reads_the_logits_argmax():
     # target_generate takes token 1
     logits = torch.tensor([[[0.0, 1e-8, -1.0], [2.0, 2.0, 0.0]]])
     assert torch.equal(warp(logits, 0.0, 1.0)[0, 0, 0], warp(logits, 0.0, 1.0)[0, 0, 1])
-    assert torch.equal(one_hot_argmax(logits), torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]]))
+    parents = torch.tensor([[-1, 0]])
+    accepted, num_accepted, next_token = verify_greedy(torch.tensor([[2, 1]]), parents, logits)
+    assert accepted.tolist() == [[0, 1]] and num_accepted.tolist() == [1] and next_token.tolist() == [0]  # ties: the first
+    accepted, num_accepted, next_token = verify_greedy(torch.tensor([[2, 0]]), parents, logits)
+    assert accepted.tolist() == [[0, -1]] and num_accepted.tolist() == [0] and next_token.tolist() == [1]
+
+
+def test_greedy_verification_on_few_tokens_is_verify_tree_on_the_vocabulary():
+    """verify_greedy renumbers the tokens that occur: the same paths and tokens as verify_tree on full one-hot rows,
+    over random trees, ragged batches and tokens anywhere in a large vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        B, V = 3, 50000
+        parents = torch.tensor(topk_tree([2, 2]) if trial % 2 else chain(4))
+        N = parents.numel()
+        logits = torch.randn(B, N, V, generator=g)
+        candidates = torch.randint(0, V, (B, N), generator=g)
+        hits = torch.rand(B, N, generator=g) < 0.6  # make most candidates the argmax at their parent
+        best = logits.argmax(-1)
+        candidates[:, 1:] = torch.where(hits[:, 1:], best.gather(1, parents[1:].expand(B, -1)), candidates[:, 1:])
+        one_hot = torch.zeros(B, N, V).scatter_(-1, best[..., None], 1.0)
+        expected = verify_tree(candidates, parents.expand(B, N), one_hot, greedy=True)
+        got = verify_greedy(candidates, parents.expand(B, N), logits)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 @pytest.mark.parametrize("shape", sorted(TREES))
@@ -105,7 +129,7 @@ def test_a_path_ending_at_a_leaf_verifies_no_deeper(pair, monkeypatch):
     """In an uneven tree a round whose accepted path ends at a leaf above the tree's depth verified nothing deeper."""
     from lightning_spec.decoding import engine
 
-    def to_the_leaf(candidates, parents, target_probs, draft_probs, **kwargs):  # node 2: a leaf at depth 1
+    def to_the_leaf(candidates, parents, target_probs, draft_probs=None, **kwargs):  # node 2: a leaf at depth 1
         B, N = candidates.shape
         accepted = torch.full((B, N), -1, dtype=torch.long)
         accepted[:, 0], accepted[:, 1] = 0, 2
