@@ -114,8 +114,9 @@ def argmax(logits: Tensor) -> Tensor:
 def verify_greedy(candidates: Tensor, parents: Tensor, logits: Tensor):
     """verify_tree(greedy=True) on the target's ``logits`` [B, N, V]: it reads only each node's argmax (the token
     target_generate takes, ties included), so the probabilities it gets are one-hot at the argmax over the few
-    tokens that occur (candidates and argmaxes, renumbered), not over the vocabulary: no softmax, and a 2N-token row
-    instead of a 1 MB one for SmolLM2 at N = 5 (~1 ms of a CPU round). Returns verify_tree's outputs."""
+    tokens that occur (candidates and argmaxes, renumbered), not over the vocabulary: no softmax, and rows of at most
+    2N tokens instead of 49152 for SmolLM2 (at N = 5, 0.20 ms instead of 0.49 on the build machine, hot). Returns
+    verify_tree's outputs."""
     tokens, index = torch.unique(torch.cat([candidates, argmax(logits)], 1), return_inverse=True)
     N = candidates.shape[1]
     one_hot = torch.zeros(*logits.shape[:2], tokens.numel(), dtype=torch.float32, device=logits.device)
