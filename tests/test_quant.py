@@ -351,6 +351,11 @@ def test_quantized_linear_module(tmp_path, scheme, group):
     assert all(k in layer.state_dict() for k in ("packed", "scales", "bias"))
 
 
+def test_from_float_takes_a_linear():
+    with pytest.raises(TypeError, match="linear must be a torch.nn.Linear, got Conv1d"):
+        QuantizedLinear.from_float(torch.nn.Conv1d(64, 8, 1), "int8")
+
+
 @pytest.mark.parametrize("saved,loaded", [
     (dict(scheme="int8"), dict(scheme="w8a8")),  # the same buffers, other numerics
     (dict(scheme="w8a8"), dict(scheme="int8")),

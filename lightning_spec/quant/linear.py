@@ -55,6 +55,8 @@ class QuantizedLinear(nn.Module):
     def from_float(cls, linear: nn.Linear, scheme: str = "int4", group_size: Optional[int] = 32, activation: Optional[str] = None,
                    scales: Optional[Tensor] = None, zeros: Optional[Tensor] = None) -> "QuantizedLinear":
         """Quantize ``linear``'s weight with the numerics' scales, or with given ``scales``/``zeros`` (QAT's)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme=scheme, group_size=group_size,
                     activation=activation, device=linear.weight.device)
         packed, scales, zeros = quantize_weight(linear.weight.detach(), scheme, layer.group_size, scales, zeros)
