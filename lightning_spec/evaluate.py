@@ -28,7 +28,7 @@ from lightning_spec.metrics import (
     AcceptanceRate, KLDivergence, MeanAcceptedLength, PositionalAcceptance, TokenAgreement, TopKAgreement,
 )
 from lightning_spec.metrics import functional as F
-from lightning_spec.models import build_draft, check_vocab_compatible, load_causal_lm, load_model
+from lightning_spec.models import build_draft, load_causal_lm, load_model, shared_vocabulary
 
 
 def parse_drafts(specs: Sequence[str]) -> Dict[str, str]:
@@ -75,8 +75,9 @@ def fidelity(target, draft, sequences: List[torch.Tensor], prompt_lengths: List[
         "alpha": AcceptanceRate(), "agreement": TokenAgreement(), "top5_agreement": TopKAgreement(k=5),
         "kl_forward": KLDivergence("forward"), "kl_reverse": KLDivergence("reverse"),
     }
+    vocab = shared_vocabulary(draft, target)  # padded embeddings past it score no token
     for seq, start in zip(sequences, prompt_lengths):
-        t_logits, d_logits = target(seq).logits[0, start - 1 : -1], draft(seq).logits[0, start - 1 : -1]
+        t_logits, d_logits = target(seq).logits[0, start - 1 : -1, :vocab], draft(seq).logits[0, start - 1 : -1, :vocab]
         for metric in metrics.values():
             metric.update(d_logits, t_logits)
     return {name: float(m.compute()) for name, m in metrics.items()}
@@ -107,7 +108,7 @@ def evaluate(target_source: str, drafts: Dict[str, str], prompts: str = "builtin
     models = {name: load_draft(source, target).eval() for name, source in drafts.items()}
     for name, draft in models.items():
         try:
-            check_vocab_compatible(draft, target)
+            shared_vocabulary(draft, target)
         except ValueError as err:
             raise ValueError(f"draft {name!r}: {err}") from err
     if not stock_linear:

@@ -112,6 +112,19 @@ def check_vocab_compatible(draft: PreTrainedModel, target: PreTrainedModel, draf
             raise ValueError("vocabulary mismatch: draft and target tokenizers map tokens to different ids")
 
 
+def shared_vocabulary(draft: PreTrainedModel, target: PreTrainedModel) -> int:
+    """How many token ids (the first ones) draft and target both score, for decoding. Their output sizes may differ by
+    embedding padding, up to 1024 ids or 1% of the larger (Qwen2.5's 0.5B-7B score 151936 ids and its 14B-72B 152064:
+    one tokenizer of 151646 tokens, padded for training); further apart they are taken for two tokenizers
+    (``ValueError``)."""
+    d_vocab = draft.get_output_embeddings().out_features
+    t_vocab = target.get_output_embeddings().out_features
+    if abs(d_vocab - t_vocab) > max(1024, max(d_vocab, t_vocab) // 100):
+        raise ValueError(f"vocabulary mismatch: draft has {d_vocab} output tokens, target has {t_vocab} (more than "
+                         "embedding padding apart)")
+    return min(d_vocab, t_vocab)
+
+
 def _decoder_layers_prefix(model: PreTrainedModel) -> str:
     """State-dict prefix of the decoder layers: ``model.layers.`` (Llama, Qwen, ...), ``transformer.h.`` (GPT-2),
     ``model.decoder.layers.`` (OPT): the ModuleList holding num_hidden_layers modules."""

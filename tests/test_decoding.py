@@ -258,20 +258,23 @@ def exact_first_three(target, prompt, V, temperature, top_p):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-SAMPLING_CASES = [
-    ("target_only", {}, 1.0, 1.0),
-    ("chain1", dict(gamma=1), 1.0, 1.0),
-    ("chain2", dict(gamma=2), 0.9, 0.9),
-    ("topk22", dict(tree=topk_tree([2, 2])), 1.0, 1.0),
-    ("sparse", dict(tree=[-1, 0, 0, 1]), 0.9, 0.9),
+SAMPLING_CASES = [  # name, tree or chain, temperature, top_p, the draft's vocabulary against the target's 8
+    ("target_only", {}, 1.0, 1.0, 8),
+    ("chain1", dict(gamma=1), 1.0, 1.0, 8),
+    ("chain2", dict(gamma=2), 0.9, 0.9, 8),
+    ("topk22", dict(tree=topk_tree([2, 2])), 1.0, 1.0, 8),
+    ("sparse", dict(tree=[-1, 0, 0, 1]), 0.9, 0.9, 8),
+    ("chain2 draft of 6 ids", dict(gamma=2), 1.0, 1.0, 6),  # padded embeddings: 6 shared ids, q = 0 past them
+    ("chain2 draft of 10 ids", dict(gamma=2), 1.0, 1.0, 10),  # the draft's q renormalized over the 8 shared ids
+    ("topk22 draft of 10 ids", dict(tree=topk_tree([2, 2])), 1.0, 1.0, 10),
 ]
 
 
-@pytest.mark.parametrize("name,shape,temperature,top_p", SAMPLING_CASES)
-def test_sampling_follows_the_target(name, shape, temperature, top_p):
+@pytest.mark.parametrize("name,shape,temperature,top_p,draft_vocab", SAMPLING_CASES)
+def test_sampling_follows_the_target(name, shape, temperature, top_p, draft_vocab):
     V, trials = 8, 20_000
     target = peaky_llama(3, vocab=V, head_scale=4.0)
-    draft = peaky_llama(4, vocab=V, head_scale=4.0, layers=1)
+    draft = peaky_llama(4, vocab=draft_vocab, head_scale=4.0, layers=1)
     prompt = torch.tensor([[1, 5, 2, 7]])
     exact = exact_first_three(target, prompt, V, temperature, top_p)
     g = torch.Generator().manual_seed(7)
@@ -389,8 +392,22 @@ def test_other_attention_kinds_are_refused(pair):
 
 def test_vocabulary_mismatch_is_refused(pair):
     target, _ = pair
-    with pytest.raises(ValueError, match="vocabulary mismatch"):
-        speculative_generate(target, peaky_llama(1, vocab=256), torch.tensor([[5, 6]]), 4)
+    with pytest.raises(ValueError, match="vocabulary mismatch: draft has 2048 output tokens, target has 512"):
+        speculative_generate(target, peaky_llama(1, vocab=2048), torch.tensor([[5, 6]]), 4)
+
+
+@pytest.mark.parametrize("draft_vocab", [500, 520])
+def test_padded_vocabularies_decode_like_the_target(pair, draft_vocab):
+    """A draft scoring fewer or more ids than the target (embedding padding, as Qwen2.5's sizes differ) proposes the
+    ids both have: greedy output is generate's, for chains and trees."""
+    target, draft = pair
+    draft = copy.deepcopy(draft)
+    draft.resize_token_embeddings(draft_vocab)
+    ids, mask = ragged_prompts()
+    expected = hf_greedy(target, ids, mask, 30)
+    for shape in (dict(gamma=3), dict(tree=topk_tree([3, 2]))):
+        out = speculative_generate(target, draft, ids, 30, attention_mask=mask, eos_token_id=[], **shape)
+        assert torch.equal(out.tokens, expected) and out.stats.accepted > 0, shape
 
 
 def test_chain_is_the_parents_of_a_path():

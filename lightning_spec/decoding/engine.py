@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 
 from lightning_spec.decoding.kv import CachedLM
 from lightning_spec.decoding.tree import TreeLayout, chain
-from lightning_spec.models import check_vocab_compatible
+from lightning_spec.models import shared_vocabulary
 from lightning_spec.ops import verify_tree
 
 
@@ -189,9 +189,13 @@ def _prefill(lm: CachedLM, ids: Tensor, mask: Tensor) -> None:
 class _Draft:
     """The draft side of a round: catch up on committed tokens, then grow the tree level by level."""
 
-    def __init__(self, model, layout: TreeLayout, input_ids: Tensor, mask: Tensor, sample_chain: bool):
+    def __init__(self, model, layout: TreeLayout, input_ids: Tensor, mask: Tensor, sample_chain: bool, vocab: int, target_vocab: int):
         self.lm = CachedLM(model, input_ids.shape[0], input_ids.device)
         self.layout = layout
+        self.vocab, self.target_vocab = vocab, target_vocab  # the draft proposes the shared ids only
+        # an id past the draft's embeddings (the target's padding, never a real token) reaches it as its last id:
+        # that only steers proposals, never the output
+        self.last_id = model.get_input_embeddings().num_embeddings - 1
         self.sample_chain = sample_chain  # chain + temperature > 0: sample children from q, verify with q
         # tree nodes fed to the draft (those with children), level by level; each level's nodes see their fed
         # ancestors, which sit in the last slots of the cache at that point
@@ -204,6 +208,7 @@ class _Draft:
             self.feed_sees.append(layout.ancestors[feed][:, before].to(input_ids.device))
         self.leaf = torch.tensor([not c for c in layout.children], device=input_ids.device)
         self.leaf[0] = False  # the root was fed as a pending token
+        input_ids = input_ids.clamp_max(self.last_id)
         _prefill(self.lm, input_ids[:, :-1], mask[:, :-1])
         self.pending = torch.stack([input_ids[:, -1], input_ids[:, -1]], 1)  # committed, not yet fed
         self.pending_valid = torch.tensor([[False, True]], device=input_ids.device).repeat(input_ids.shape[0], 1)
@@ -218,7 +223,7 @@ class _Draft:
         width = pending.shape[1]
         positions = lm.length[:, None] + (valid.cumsum(1) - 1).clamp_min(0)
         see = torch.ones(width, width, dtype=torch.bool, device=device).tril() & valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=device)
-        logits = {0: lm.forward(pending, positions, see, logits_to_keep=1)[:, 0]}
+        logits = {0: lm.forward(pending, positions, see, logits_to_keep=1)[:, 0, : self.vocab]}
         lm.commit(valid)
         calls = 1
         candidates = torch.zeros(B, layout.size, dtype=torch.long, device=device)
@@ -244,8 +249,10 @@ class _Draft:
                 candidates[:, feed], lm.length[:, None] + d, torch.eye(len(feed), dtype=torch.bool, device=device), see_old
             )
             calls += 1
-            logits.update({i: step[:, r] for r, i in enumerate(feed)})
-        draft_probs = torch.stack(q_rows, 1) if self.sample_chain else None
+            logits.update({i: step[:, r, : self.vocab] for r, i in enumerate(feed)})
+        draft_probs = None
+        if self.sample_chain:  # over the target's ids: those past the shared ones have q = 0
+            draft_probs = torch.nn.functional.pad(torch.stack(q_rows, 1), (0, self.target_vocab - self.vocab))
         return candidates, draft_probs, calls
 
     def accept(self, on_path: Tensor, last_node: Tensor, candidates: Tensor, next_token: Tensor) -> None:
@@ -253,7 +260,7 @@ class _Draft:
         if self.fed:
             self.lm.commit(on_path[:, self.fed])
         leaf_pending = self.leaf[last_node]
-        self.pending = torch.stack([candidates.gather(1, last_node[:, None])[:, 0], next_token], 1)
+        self.pending = torch.stack([candidates.gather(1, last_node[:, None])[:, 0], next_token], 1).clamp_max(self.last_id)
         self.pending_valid = torch.stack([leaf_pending, torch.ones_like(leaf_pending)], 1)
 
     def select(self, rows: Tensor) -> None:
@@ -262,7 +269,7 @@ class _Draft:
 
 
 def _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p, generator, attention_mask, eos_token_id, pad_token_id,
-            logits_hook=None):
+            logits_hook=None, vocab=None):
     _check_inputs(target, input_ids, attention_mask, max_new_tokens, temperature, top_p)
     start = time.perf_counter()
     eos, pad = _special_ids(target, eos_token_id, pad_token_id)
@@ -272,7 +279,8 @@ def _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p
     target_lm = CachedLM(target, B, device)
     _prefill(target_lm, input_ids[:, :-1], mask[:, :-1])
     sample_chain = not greedy and layout is not None and all(len(c) <= 1 for c in layout.children)
-    drafter = _Draft(draft, layout, input_ids, mask, sample_chain) if draft is not None else None
+    target_vocab = target.get_output_embeddings().out_features
+    drafter = _Draft(draft, layout, input_ids, mask, sample_chain, vocab, target_vocab) if draft is not None else None
     stats = DecodingStats(max_depth=layout.max_depth if draft is not None else 0)
     stats.prefill_time = time.perf_counter() - start
     prefill_seconds = (target_lm.seconds, drafter.lm.seconds if drafter is not None else 0.0)
@@ -385,18 +393,21 @@ def speculative_generate(
     depth replaces gamma). ``temperature`` 0 is greedy; otherwise sampling at that temperature and ``top_p``,
     with ``generator`` for every random draw. Rows stop at ``eos_token_id`` (default: the target's generation
     config) or after ``max_new_tokens``. Returns ``.tokens`` [B, T + new] and ``.stats`` (DecodingStats).
+    Draft and target may score different numbers of ids where one pads its embeddings (Qwen2.5 0.5B with 72B:
+    151936 and 152064, see ``shared_vocabulary``): the draft then proposes only the ids both have.
 
     Example::
 
         out = speculative_generate(target, draft, ids, 64, gamma=4)
         print(tokenizer.decode(out.tokens[0]), out.stats.tau)
     """
-    check_vocab_compatible(draft, target)
+    vocab = shared_vocabulary(draft, target)
     layout = TreeLayout.from_parents(tree if tree is not None else chain(gamma))
-    widest, vocab = max(len(c) for c in layout.children), draft.get_output_embeddings().out_features
+    widest = max(len(c) for c in layout.children)
     if widest > vocab:
         raise ValueError(f"tree: a node has {widest} children but the draft's vocabulary has only {vocab} tokens")
-    return _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p, generator, attention_mask, eos_token_id, pad_token_id)
+    return _decode(target, draft, input_ids, max_new_tokens, layout, temperature, top_p, generator, attention_mask, eos_token_id, pad_token_id,
+                   vocab=vocab)
 
 
 @torch.no_grad()
