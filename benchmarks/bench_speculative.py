@@ -5,7 +5,8 @@ in the same engine) and transformers' assisted generation (`generate(assistant_m
 the same gamma, confidence early-exit off). Also printed: alpha (pooled per-position acceptance), tau (tokens per
 target call), the cost ratio c (draft decode step / target decode step, both measured alone) and the speedup
 Leviathan et al.'s formula predicts from them, (1 - a^(g+1)) / ((1 - a)(g c + 1)), beside the measured one.
-Median over repeats; tokens/s include the prompt's prefill.
+Each repeat runs every configuration prompt by prompt (they share the host's drifts); tokens/s are the median
+over repeats, ratios the median of each repeat's ratios; tokens/s include the prompt's prefill.
 
     make demo   # exports artifacts/smollm2_draft
     python benchmarks/bench_speculative.py [--draft artifacts/smollm2_draft] [--gammas 1 2 3] [--trees 4 2,2,1]
@@ -106,19 +107,31 @@ def main():
         runs[f"speculative tree {branching}"] = engine(speculative_generate, target, draft, tree=topk_tree(branching))
 
     timed(runs["target_generate"], prompts[:1], 8)  # warm-up
+    # Each repeat runs every configuration on one prompt before the next prompt, so that all of them share the
+    # host's drifts (this one's speed moves by 10-30% over minutes); ratios are the median over repeats of the
+    # ratios within a repeat.
     rates = {name: [] for name in runs}
     stats, outputs = {}, {}
     for _ in range(args.repeats):
-        for name, run in runs.items():
-            if name.startswith("HF"):
-                pair = (stock_target, stock_draft) if name.startswith("HF stock") else (target, draft)
-                hf_assisted(*pair, int(name.split("=")[1]))  # its gamma on the draft's generation config
-            tokens, seconds, outs, st = timed(run, prompts, args.max_new_tokens)
+        totals = {name: [0, 0.0, [], []] for name in runs}  # tokens, seconds, outputs, stats
+        for ids in prompts:
+            for name, run in runs.items():
+                if name.startswith("HF"):
+                    pair = (stock_target, stock_draft) if name.startswith("HF stock") else (target, draft)
+                    hf_assisted(*pair, int(name.split("=")[1]))  # its gamma on the draft's generation config
+                tokens, seconds, outs, st = timed(run, [ids], args.max_new_tokens)
+                total = totals[name]
+                total[0] += tokens
+                total[1] += seconds
+                total[2] += outs
+                total[3] += st
+        for name, (tokens, seconds, outs, st) in totals.items():
             rates[name].append(tokens / seconds)
             stats[name], outputs[name] = st, outs
     rate = {name: statistics.median(r) for name, r in rates.items()}
+    ratio = lambda name, baseline: statistics.median(a / b for a, b in zip(rates[name], rates[baseline]))
     base = rate["target_generate"]
-    c = base / rate["draft alone"]
+    c = 1 / ratio("draft alone", "target_generate")
 
     for name in runs:
         if name.startswith("speculative"):
@@ -139,19 +152,19 @@ def main():
         accepts, attempts = sum(sum(s.position_accepts) for s in st), sum(sum(s.position_attempts) for s in st)
         alpha = accepts / attempts
         tau = DecodingStats.combine(st).tau
-        line = f"{name:<28}{rate[name]:>8.1f}{rate[name] / base:>11.2f}"
+        line = f"{name:<28}{rate[name]:>8.1f}{ratio(name, 'target_generate'):>11.2f}"
         if "tree" in name:
             line += f"{'-':>8}{'-':>10}{alpha:>8.3f}{tau:>7.2f}{'-':>11}"
         else:
             g = int(name.split("=")[1])
-            hf, stock = rate[f"HF assisted g={g}"], rate[f"HF stock g={g}"]
             predicted = (1 - alpha ** (g + 1)) / ((1 - alpha) * (g * c + 1))
-            line += f"{rate[name] / hf:>8.2f}{rate[name] / stock:>10.2f}{alpha:>8.3f}{tau:>7.2f}{predicted:>11.2f}"
+            line += (f"{ratio(name, f'HF assisted g={g}'):>8.2f}{ratio(name, f'HF stock g={g}'):>10.2f}{alpha:>8.3f}"
+                     f"{tau:>7.2f}{predicted:>11.2f}")
         print(line)
     for prefix in ("HF assisted", "HF stock"):
         for g in args.gammas:
             name = f"{prefix} g={g}"
-            print(f"{name:<28}{rate[name]:>8.1f}{rate[name] / base:>11.2f}")
+            print(f"{name:<28}{rate[name]:>8.1f}{ratio(name, 'target_generate'):>11.2f}")
     print("goals: speculative >= 1.3x target_generate, >= 2x HF assisted (same pair and gamma)")
 
 
