@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
 from lightning_spec.decoding import chain, speculative_generate, target_generate, topk_tree, warp
@@ -354,6 +354,8 @@ def test_a_quantized_draft_head_included_decodes_like_the_target(pair):
 SLIDING = {  # a window of 5 positions, far shorter than 9 prompt + 30 new tokens
     "mistral": lambda **kw: MistralForCausalLM(MistralConfig(sliding_window=5, **kw)),  # every layer slides
     "qwen2": lambda **kw: Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=5, max_window_layers=1, **kw)),
+    "gemma2": lambda **kw: Gemma2ForCausalLM(Gemma2Config(  # eager attention with soft-capped scores
+        sliding_window=5, head_dim=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"], **kw)),
     "gemma3": lambda **kw: Gemma3ForCausalLM(Gemma3TextConfig(
         sliding_window=5, head_dim=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"], **kw)),
 }
