@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The CUDA path in one go, for a GPU machine (<= 8 minutes on an H100): build the extension with its CUDA kernel,
 # run the op tests there (CPU and CUDA; verify_tree on CUDA must equal CPU bit for bit, quantized_linear must match
-# its float64 reference, fake_quantize its PyTorch twin bit for bit), and benchmark verify_tree, quantized_linear
+# its float64 reference, fake_quantize its PyTorch twin bit for bit) and the decoding engine's CUDA tests (greedy
+# equal to generate, lossless sampling), and benchmark verify_tree, quantized_linear
 # (GB/s, speedup over bf16) and fake_quantize on the GPU.
 # The benchmarks run even when a test fails; the script then exits with pytest's status.
 # Needs a CUDA build of torch and the package's Python dependencies already installed (a machine without network
-# can take them as wheels). Usage: bash benchmarks/gpu_check.sh [python]
+# can take them as wheels: benchmarks/gpu_wheels.sh fetches those the lent H200's image lacks, and says how to
+# install them there). Usage: bash benchmarks/gpu_check.sh [python]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
@@ -20,7 +22,7 @@ tests=0
 parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)  # pytest-xdist, where installed
 op_tests="tests/test_verify_ops.py tests/test_quant.py tests/test_fake_quant_op.py tests/test_small_batch_linear.py tests/test_cuda_build.py"
 # The CUDA tests first (what only this machine can run), then the rest of the op tests.
-CI=true "$PY" -m pytest -q -p no:cacheprovider -rfE $parallel -k cuda $op_tests || tests=$?
+CI=true "$PY" -m pytest -q -p no:cacheprovider -rfE $parallel -k cuda $op_tests tests/test_decoding.py || tests=$?
 echo "CUDA tests: $(( $(date +%s) - start )) s"
 CI=true "$PY" -m pytest -q -p no:cacheprovider -rfE $parallel -k "not cuda" -m "not slow" $op_tests || tests=$?
 echo "all tests: $(( $(date +%s) - start )) s"

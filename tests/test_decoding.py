@@ -438,3 +438,39 @@ def test_sample_follows_each_rows_distribution(monkeypatch):
     # torch.rand's largest float64 draw, 1 - 2**-53, must still land on a token that has mass
     monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.full(shape, 1 - 2.0**-53, dtype=torch.float64))
     assert sample(torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])).tolist() == [1, 3]
+
+
+# ---------------------------------------------------------------- on a GPU (benchmarks/gpu_check.sh runs these)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", sorted(TREES))
+def test_cuda_greedy_equals_the_targets_greedy(pair, shape):
+    """The engine on CUDA (the verify_tree CUDA kernel, masks and caches on the device): ragged prompts, chains and
+    trees, greedy output equal to generate's on the same device."""
+    target, draft = (copy.deepcopy(model).cuda() for model in pair)
+    ids, mask = (t.cuda() for t in ragged_prompts())
+    expected = hf_greedy(target, ids, mask, 40)
+    out = speculative_generate(target, draft, ids, 40, attention_mask=mask, eos_token_id=[], **TREES[shape])
+    assert out.tokens.is_cuda and torch.equal(out.tokens, expected)
+    assert torch.equal(target_generate(target, ids, 40, attention_mask=mask, eos_token_id=[]).tokens, expected)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name,shape,temperature,top_p,draft_vocab", [c for c in SAMPLING_CASES if c[0] in ("chain2", "topk22", "chain2 draft of 10 ids")])
+def test_cuda_sampling_follows_the_target(name, shape, temperature, top_p, draft_vocab):
+    """Lossless sampling on CUDA: the first three tokens against the target's exact distribution (computed on CPU)."""
+    V, trials = 8, 20_000
+    target = peaky_llama(3, vocab=V, head_scale=4.0)
+    draft = peaky_llama(4, vocab=draft_vocab, head_scale=4.0, layers=1)
+    prompt = torch.tensor([[1, 5, 2, 7]])
+    exact = exact_first_three(target, prompt, V, temperature, top_p)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    batch = prompt.expand(trials, -1).contiguous().cuda()
+    out = speculative_generate(target.cuda(), draft.cuda(), batch, 3, temperature=temperature, top_p=top_p, generator=g, eos_token_id=[], **shape)
+    assert 0 < out.stats.accepted < out.stats.drafted
+    t = out.tokens[:, -3:].cpu()
+    counts = torch.bincount(t[:, 0] * V * V + t[:, 1] * V + t[:, 2], minlength=V**3).double()
+    assert chi_square_pvalue(counts, exact.flatten()) > 1e-3
