@@ -22,7 +22,7 @@ def test_compiled_op_is_in_use():
     assert active_implementation("small_batch_linear") == "compiled"
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16])
 @pytest.mark.parametrize("N,K", [(576, 576), (37, 100), (1536, 576), (7, 1536)])
 def test_matches_reference(isa, M, N, K):
     g = torch.Generator().manual_seed(M * N + K)
@@ -38,7 +38,7 @@ def test_rows_do_not_depend_on_the_others(isa, K):
     g = torch.Generator().manual_seed(K)
     w, x = torch.randn(1029, K, generator=g), torch.randn(16, K, generator=g)
     together = torch.ops.lightning_spec.small_batch_linear(x, w, None)
-    for M in (1, 3, 5, 6, 9, 16):
+    for M in (1, 3, 5, 6, 7, 8, 9, 12, 13, 16):
         part = torch.ops.lightning_spec.small_batch_linear(x[:M], w, None)
         assert torch.equal(part, together[:M])
     assert all(torch.equal(torch.ops.lightning_spec.small_batch_linear(x[m : m + 1], w, None)[0], together[m]) for m in range(16))
