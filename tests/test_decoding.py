@@ -244,6 +244,26 @@ def test_kept_logits_read_contiguous_hidden_states(pair):
     torch.testing.assert_close(last[:, 0], every[:, -1])
 
 
+
+def test_a_compiled_draft_compiles_once(pair):
+    """torch.compile over a model in the engine: once a call has compiled its shapes (the prompt, the first step, one
+    or two new tokens), the next one compiles nothing, rather than once per forward on a guard on that forward's mask."""
+    from torch._dynamo.utils import counters
+
+    target, _ = pair
+    draft = build_draft(target, layers=[0])
+    ids = torch.randint(1, 512, (1, 9), generator=torch.Generator().manual_seed(0))
+    expected = target_generate(target, ids, 24, eos_token_id=[]).tokens
+    torch._dynamo.reset()
+    counters.clear()
+    draft.forward = torch.compile(draft.forward, dynamic=True)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        assert torch.equal(speculative_generate(target, draft, ids, 24, eos_token_id=[], gamma=2).tokens, expected)
+        compiled = counters["stats"]["unique_graphs"]
+        assert torch.equal(speculative_generate(target, draft, ids, 24, eos_token_id=[], gamma=2).tokens, expected)
+    assert counters["stats"]["unique_graphs"] == compiled <= 6
+    torch._dynamo.reset()
+
 # ---------------------------------------------------------------- lossless sampling
 
 def exact_first_three(target, prompt, V, temperature, top_p):

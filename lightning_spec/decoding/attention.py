@@ -10,6 +10,7 @@ queries, so those (a long prompt's prefill) keep transformers' path.
 import contextlib
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -36,12 +37,13 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
 
 
 # Inside grouped_attention: (id of a mask, groups) -> (that mask, kept alive so the id stays its own, its repeat). Every
-# layer of a forward gets the same mask, so it is repeated once per forward instead of once per layer.
+# layer of a forward gets the same mask, so it is repeated once per forward instead of once per layer. Not under
+# torch.compile: its guards on the id would recompile the model for every new mask.
 _repeats: Optional[dict] = None
 
 
 def _repeated(mask: Tensor, groups: int) -> Tensor:
-    if _repeats is None:
+    if _repeats is None or torch.compiler.is_compiling():
         return mask.repeat(1, 1, groups, 1)
     key = (id(mask), groups)
     if key not in _repeats:
