@@ -55,14 +55,19 @@ def ragged_prompts(seed: int = 1, B: int = 3, T: int = 9):
     return ids.masked_fill(mask == 0, 0), mask
 
 
+# the CUDA cases run on a GPU machine (benchmarks/gpu_check.sh): the verify_tree CUDA kernel, masks and caches there
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
 def hf_greedy(model, ids, mask, n, eos=None):
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", sorted(TREES))
-def test_greedy_equals_the_targets_greedy(pair, shape):
-    target, draft = pair
-    ids, mask = ragged_prompts()
+def test_greedy_equals_the_targets_greedy(pair, shape, device):
+    target, draft = (model if device == "cpu" else copy.deepcopy(model).to(device) for model in pair)
+    ids, mask = (t.to(device) for t in ragged_prompts())
     expected = hf_greedy(target, ids, mask, 40)
     out = speculative_generate(target, draft, ids, 40, attention_mask=mask, eos_token_id=[], **TREES[shape])
     assert torch.equal(out.tokens, expected)
@@ -290,22 +295,24 @@ SAMPLING_CASES = [  # name, tree or chain, temperature, top_p, the draft's vocab
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,shape,temperature,top_p,draft_vocab", SAMPLING_CASES)
-def test_sampling_follows_the_target(name, shape, temperature, top_p, draft_vocab):
+def test_sampling_follows_the_target(name, shape, temperature, top_p, draft_vocab, device):
     V, trials = 8, 20_000
     target = peaky_llama(3, vocab=V, head_scale=4.0)
     draft = peaky_llama(4, vocab=draft_vocab, head_scale=4.0, layers=1)
     prompt = torch.tensor([[1, 5, 2, 7]])
-    exact = exact_first_three(target, prompt, V, temperature, top_p)
-    g = torch.Generator().manual_seed(7)
+    exact = exact_first_three(target, prompt, V, temperature, top_p)  # on the CPU
+    target, draft = target.to(device), draft.to(device)
+    g = torch.Generator(device=device).manual_seed(7)
     common = dict(temperature=temperature, top_p=top_p, generator=g, eos_token_id=[])
-    batch = prompt.expand(trials, -1).contiguous()
+    batch = prompt.expand(trials, -1).contiguous().to(device)
     if name == "target_only":
         out = target_generate(target, batch, 3, **common)
     else:
         out = speculative_generate(target, draft, batch, 3, **shape, **common)
         assert 0 < out.stats.accepted < out.stats.drafted
-    t = out.tokens[:, -3:]
+    t = out.tokens[:, -3:].cpu()
     counts = torch.bincount(t[:, 0] * V * V + t[:, 1] * V + t[:, 2], minlength=V**3).double()
     assert chi_square_pvalue(counts, exact.flatten()) > 1e-3
 
@@ -459,38 +466,3 @@ def test_sample_follows_each_rows_distribution(monkeypatch):
     monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.full(shape, 1 - 2.0**-53, dtype=torch.float64))
     assert sample(torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])).tolist() == [1, 3]
 
-
-# ---------------------------------------------------------------- on a GPU (benchmarks/gpu_check.sh runs these)
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-@needs_cuda
-@pytest.mark.parametrize("shape", sorted(TREES))
-def test_cuda_greedy_equals_the_targets_greedy(pair, shape):
-    """The engine on CUDA (the verify_tree CUDA kernel, masks and caches on the device): ragged prompts, chains and
-    trees, greedy output equal to generate's on the same device."""
-    target, draft = (copy.deepcopy(model).cuda() for model in pair)
-    ids, mask = (t.cuda() for t in ragged_prompts())
-    expected = hf_greedy(target, ids, mask, 40)
-    out = speculative_generate(target, draft, ids, 40, attention_mask=mask, eos_token_id=[], **TREES[shape])
-    assert out.tokens.is_cuda and torch.equal(out.tokens, expected)
-    assert torch.equal(target_generate(target, ids, 40, attention_mask=mask, eos_token_id=[]).tokens, expected)
-
-
-@needs_cuda
-@pytest.mark.parametrize("name,shape,temperature,top_p,draft_vocab", [c for c in SAMPLING_CASES if c[0] in ("chain2", "topk22", "chain2 draft of 10 ids")])
-def test_cuda_sampling_follows_the_target(name, shape, temperature, top_p, draft_vocab):
-    """Lossless sampling on CUDA: the first three tokens against the target's exact distribution (computed on CPU)."""
-    V, trials = 8, 20_000
-    target = peaky_llama(3, vocab=V, head_scale=4.0)
-    draft = peaky_llama(4, vocab=draft_vocab, head_scale=4.0, layers=1)
-    prompt = torch.tensor([[1, 5, 2, 7]])
-    exact = exact_first_three(target, prompt, V, temperature, top_p)
-    g = torch.Generator(device="cuda").manual_seed(7)
-    batch = prompt.expand(trials, -1).contiguous().cuda()
-    out = speculative_generate(target.cuda(), draft.cuda(), batch, 3, temperature=temperature, top_p=top_p, generator=g, eos_token_id=[], **shape)
-    assert 0 < out.stats.accepted < out.stats.drafted
-    t = out.tokens[:, -3:].cpu()
-    counts = torch.bincount(t[:, 0] * V * V + t[:, 1] * V + t[:, 2], minlength=V**3).double()
-    assert chi_square_pvalue(counts, exact.flatten()) > 1e-3
