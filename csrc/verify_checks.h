@@ -36,6 +36,30 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& target_prob
                     " but target_probs is on ", target_probs.device());
 }
 
+constexpr const char* kRootMessage = "verify_tree: parents[:, 0] must be -1 (the root)";
+constexpr const char* kParentsMessage = "verify_tree: parents must satisfy 0 <= parents[b, i] < i for i >= 1";
+constexpr const char* kCandidatesMessage = "verify_tree: candidates (verify_chain's draft_tokens) must lie in [0, ";
+constexpr const char* kUniformsMessage = "verify_tree: uniforms must lie in [0, 1)";
+
+// The value checks on the CPU: loops over the few int64 and float64 entries, where the ATen reductions below (for
+// CUDA) cost ~40 us a call, as much as a small tree's whole verification.
+inline void check_values_cpu(const at::Tensor& candidates, const at::Tensor& parents,
+                             const std::optional<at::Tensor>& uniforms, int64_t V) {
+  const auto par = parents.contiguous(), cand = candidates.contiguous();
+  const int64_t B = par.size(0), N = par.size(1);
+  const int64_t *p = par.data_ptr<int64_t>(), *c = cand.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(p[b * N] == -1, kRootMessage);
+    for (int64_t i = 1; i < N; ++i) TORCH_CHECK_VALUE(p[b * N + i] >= 0 && p[b * N + i] < i, kParentsMessage);
+  }
+  for (int64_t i = 0; i < B * N; ++i) TORCH_CHECK_VALUE(c[i] >= 0 && c[i] < V, kCandidatesMessage, V, ")");
+  if (uniforms) {
+    const auto u = uniforms->contiguous();
+    const double* d = u.data_ptr<double>();
+    for (int64_t i = 0; i < u.numel(); ++i) TORCH_CHECK_VALUE(d[i] >= 0 && d[i] < 1, kUniformsMessage);  // NaN fails
+  }
+}
+
 inline void check_verify_tree_args(const at::Tensor& candidates, const at::Tensor& parents,
                                    const at::Tensor& target_probs, const std::optional<at::Tensor>& draft_probs,
                                    const std::optional<at::Tensor>& uniforms, bool greedy) {
@@ -76,17 +100,13 @@ inline void check_verify_tree_args(const at::Tensor& candidates, const at::Tenso
   }
 
   // Values: the tree is topological, tokens exist, uniforms lie in [0, 1).
-  TORCH_CHECK_VALUE((parents.select(1, 0) == -1).all().item<bool>(),
-                    "verify_tree: parents[:, 0] must be -1 (the root)");
+  if (target_probs.is_cpu()) return check_values_cpu(candidates, parents, uniforms, V);
+  TORCH_CHECK_VALUE((parents.select(1, 0) == -1).all().item<bool>(), kRootMessage);
   const auto node_index = at::arange(1, N, parents.options());
   const auto later_parents = parents.slice(1, 1);
-  TORCH_CHECK_VALUE(((later_parents >= 0) & (later_parents < node_index)).all().item<bool>(),
-                    "verify_tree: parents must satisfy 0 <= parents[b, i] < i for i >= 1");
-  TORCH_CHECK_VALUE(((candidates >= 0) & (candidates < V)).all().item<bool>(),
-                    "verify_tree: candidates (verify_chain's draft_tokens) must lie in [0, ", V, ")");
-  if (uniforms)
-    TORCH_CHECK_VALUE(((*uniforms >= 0) & (*uniforms < 1)).all().item<bool>(),
-                      "verify_tree: uniforms must lie in [0, 1)");
+  TORCH_CHECK_VALUE(((later_parents >= 0) & (later_parents < node_index)).all().item<bool>(), kParentsMessage);
+  TORCH_CHECK_VALUE(((candidates >= 0) & (candidates < V)).all().item<bool>(), kCandidatesMessage, V, ")");
+  if (uniforms) TORCH_CHECK_VALUE(((*uniforms >= 0) & (*uniforms < 1)).all().item<bool>(), kUniformsMessage);
 }
 
 }  // namespace lightning_spec
