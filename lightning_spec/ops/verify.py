@@ -16,34 +16,36 @@ TreeKernel = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor
 PROB_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _check(condition: bool, message: str) -> None:
+def _check(condition: bool, message: Callable[[], str]) -> None:
+    """Raise ValueError(message()) unless condition: the message is formatted only on failure (an f-string of shapes
+    and dtypes costs ~1 us, a dozen of them half a small tree's verification)."""
     if not condition:
-        raise ValueError(message)
+        raise ValueError(message())
 
 
 def _check_tensors(**arguments) -> None:
     for name, value in arguments.items():
-        _check(value is None or isinstance(value, Tensor), f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        _check(value is None or isinstance(value, Tensor), lambda: f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def _check_probs(probs: Tensor, name: str, shape: tuple, device: torch.device) -> None:
-    _check(probs.dtype in PROB_DTYPES, f"{name} must be float32, float64, bfloat16 or float16, got {probs.dtype}")
-    _check(tuple(probs.shape) == shape, f"{name} must have shape {list(shape)}, got {list(probs.shape)}")
-    _check(probs.device == device, f"{name} is on {probs.device} but target_probs is on {device}")
+    _check(probs.dtype in PROB_DTYPES, lambda: f"{name} must be float32, float64, bfloat16 or float16, got {probs.dtype}")
+    _check(tuple(probs.shape) == shape, lambda: f"{name} must have shape {list(shape)}, got {list(probs.shape)}")
+    _check(probs.device == device, lambda: f"{name} is on {probs.device} but target_probs is on {device}")
 
 
 def _check_tokens(tokens: Tensor, name: str, shape: tuple, device: torch.device) -> None:
-    _check(tokens.dtype == torch.int64, f"{name} must be int64, got {tokens.dtype}")
-    _check(tuple(tokens.shape) == shape, f"{name} must have shape {list(shape)}, got {list(tokens.shape)}")
-    _check(tokens.device == device, f"{name} is on {tokens.device} but target_probs is on {device}")
+    _check(tokens.dtype == torch.int64, lambda: f"{name} must be int64, got {tokens.dtype}")
+    _check(tuple(tokens.shape) == shape, lambda: f"{name} must have shape {list(shape)}, got {list(tokens.shape)}")
+    _check(tokens.device == device, lambda: f"{name} is on {tokens.device} but target_probs is on {device}")
 
 
 def _uniforms(uniforms: Optional[Tensor], shape: tuple, device: torch.device, generator) -> Tensor:
     if uniforms is None:
         return torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
-    _check(uniforms.is_floating_point(), f"uniforms must be floating point, got {uniforms.dtype}")
-    _check(tuple(uniforms.shape) == shape, f"uniforms must have shape {list(shape)}, got {list(uniforms.shape)}")
-    _check(uniforms.device == device, f"uniforms is on {uniforms.device} but target_probs is on {device}")
+    _check(uniforms.is_floating_point(), lambda: f"uniforms must be floating point, got {uniforms.dtype}")
+    _check(tuple(uniforms.shape) == shape, lambda: f"uniforms must have shape {list(shape)}, got {list(uniforms.shape)}")
+    _check(uniforms.device == device, lambda: f"uniforms is on {uniforms.device} but target_probs is on {device}")
     return uniforms.to(torch.float64)
 
 
@@ -52,17 +54,17 @@ def run_tree(
 ):
     """verify_tree on the given kernel (the compiled op or its reference twin)."""
     _check_tensors(candidates=candidates, parents=parents, target_probs=target_probs, draft_probs=draft_probs, uniforms=uniforms)
-    _check(target_probs.dim() == 3, f"target_probs must be [B, N, V], got {list(target_probs.shape)}")
+    _check(target_probs.dim() == 3, lambda: f"target_probs must be [B, N, V], got {list(target_probs.shape)}")
     B, N, V = target_probs.shape
     device = target_probs.device
-    _check(N >= 1 and V >= 1, f"target_probs needs N >= 1 nodes and V >= 1 tokens, got {list(target_probs.shape)}")
+    _check(N >= 1 and V >= 1, lambda: f"target_probs needs N >= 1 nodes and V >= 1 tokens, got {list(target_probs.shape)}")
     _check_probs(target_probs, "target_probs", (B, N, V), device)
     _check_tokens(candidates, "candidates", (B, N), device)
     _check_tokens(parents, "parents", (B, N), device)
     if draft_probs is not None:
         rows = draft_probs.shape[1] if draft_probs.dim() == 3 and draft_probs.shape[1] == N - 1 else N
         _check_probs(draft_probs, "draft_probs", (B, rows, V), device)  # the last node is a leaf: its row is optional
-        _check(draft_probs.dtype == target_probs.dtype, f"draft_probs must be {target_probs.dtype}, got {draft_probs.dtype}")
+        _check(draft_probs.dtype == target_probs.dtype, lambda: f"draft_probs must be {target_probs.dtype}, got {draft_probs.dtype}")
     if not greedy or uniforms is not None:
         uniforms = _uniforms(uniforms, (B, N + 1), device, generator)
     return kernel(candidates, parents, target_probs, draft_probs, uniforms, greedy)
@@ -73,9 +75,9 @@ def run_chain(
 ):
     """verify_chain on the given kernel: the tree with parents [-1, 0, 1, ...], node i + 1 = draft token i."""
     _check_tensors(draft_tokens=draft_tokens, target_probs=target_probs, draft_probs=draft_probs, uniforms=uniforms)
-    _check(draft_tokens.dim() == 2, f"draft_tokens must be [B, S], got {list(draft_tokens.shape)}")
+    _check(draft_tokens.dim() == 2, lambda: f"draft_tokens must be [B, S], got {list(draft_tokens.shape)}")
     B, S = draft_tokens.shape
-    _check(target_probs.dim() == 3, f"target_probs must be [B, S + 1, V], got {list(target_probs.shape)}")
+    _check(target_probs.dim() == 3, lambda: f"target_probs must be [B, S + 1, V], got {list(target_probs.shape)}")
     V = target_probs.shape[2]
     device = target_probs.device
     _check_probs(target_probs, "target_probs", (B, S + 1, V), device)
