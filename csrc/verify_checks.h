@@ -1,6 +1,7 @@
 // Argument checks of lightning_spec::verify_tree, shared by the CPU and CUDA kernels: metadata first, then the
-// tree, tokens and uniforms (small). Probability rows: check_probabilities (ATen, any device) on CUDA; the CPU
-// kernel has a fused one-pass loop, ~10x faster than these reductions. Each message names the argument.
+// tree, tokens and uniforms (small: loops on the CPU, ATen reductions on CUDA). Probability rows:
+// check_probabilities (ATen, any device) on CUDA; the CPU kernel has a fused one-pass loop, ~10x faster than these
+// reductions. Each message names the argument.
 #pragma once
 #include <ATen/ATen.h>
 
