@@ -550,6 +550,24 @@ def test_a_cast_model_keeps_float32_scales(dtype):
                 assert torch.equal(t, scales[name]), name
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int4_asym"])
+def test_int4_group_size_defaults_to_32_and_packed_weights_tell_theirs(scheme):
+    """quantize_weight groups 32 inputs unless told; dequantize_weight and quantized_linear (and its reference) read a
+    packed weight's group size from its shapes when not given one, and say so when the shapes give none."""
+    w, x = torch.randn(16, 256), torch.randn(3, 256)
+    assert all(a is b or torch.equal(a, b) for a, b in zip(quantize_weight(w, scheme), quantize_weight(w, scheme, 32)))
+    for group in (32, 64, 128):
+        packed, scales, zeros = quantize_weight(w, scheme, group)
+        told = dequantize_weight(packed, scales, zeros, scheme=scheme, group_size=group)
+        assert torch.equal(dequantize_weight(packed, scales, zeros, scheme=scheme), told)
+        for op in (quantized_linear, reference.quantized_linear):
+            assert torch.equal(op(x, packed, scales, zeros, scheme=scheme),
+                               op(x, packed, scales, zeros, scheme=scheme, group_size=group))
+    packed, scales, zeros = quantize_weight(w, scheme, 32)
+    with pytest.raises(ValueError, match=r"scales \[16, 5\] do not split packed's K = 256"):
+        dequantize_weight(packed, scales[:, :5], zeros if zeros is None else zeros[:, :5], scheme=scheme)
+
+
 def test_compiled_kernel_checks_too():
     """The wrapper adds no checks of its own: the op's are ValueErrors naming the argument."""
     w, x = torch.randn(16, 128), torch.randn(2, 128)
@@ -557,7 +575,7 @@ def test_compiled_kernel_checks_too():
     with pytest.raises(ValueError, match="int4 packed weights must be uint8"):
         torch.ops.lightning_spec.quantized_linear(x, packed, scales, None, "int4", 32, None)
     with pytest.raises(ValueError, match="group_size must be 32, 64 or 128 for int4, got None"):
-        quantized_linear(x, *quantize_weight(w, "int4", 32), scheme="int4")
+        torch.ops.lightning_spec.quantized_linear(x, *quantize_weight(w, "int4", 32), "int4", 0, None)
     with pytest.raises(ValueError, match="unknown scheme"):
         torch.ops.lightning_spec.quantized_linear(x, packed, scales, None, "fp8", 0, None)
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from lightning_spec.ops._extension import _C  # registers torch.ops.lightning_spec
-from lightning_spec.quant.numerics import check_packed, dequantize_checked
+from lightning_spec.quant.numerics import check_packed, dequantize_checked, packed_group_size
 
 
 def check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size, bias) -> None:
@@ -33,7 +33,8 @@ def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[
     exact int8 dot products. On AMX, int8 at 1-4 rows multiplies its codes by x in fixed point with int8 tile
     multiplies (each row rounded to multiples of 2^-30 of its largest |x|, exact integer sums); int8 from 5 rows and
     int4 from 6 (up to 16) take tile multiplies whose products are exact (integer codes, x in three bf16 parts that
-    sum to it), and w8a8 from 3 int8 tile multiplies.
+    sum to it), and w8a8 from 3 int8 tile multiplies. For int4, ``group_size`` None reads it from the shapes
+    (K / scales.shape[1]).
 
     Differentiable in ``x`` (grad @ the dequantized weight; straight through w8a8's activation rounding) and ``bias``,
     e.g. for adapters trained over a frozen quantized model; the packed weight and its scales are constants.
@@ -43,6 +44,7 @@ def quantized_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[
         packed, scales, zeros = quantize_weight(linear.weight, "int4", group_size=32)
         y = quantized_linear(x, packed, scales, zeros, scheme="int4", group_size=32, bias=linear.bias)
     """
+    group_size = packed_group_size(packed, scales, scheme, group_size)
     if torch.compiler.is_compiling() or torch.is_grad_enabled() and (
             x.requires_grad or scales.requires_grad or bias is not None and bias.requires_grad):
         return torch.ops.lightning_spec.quantized_linear(x, packed, scales, zeros, scheme, group_size or 0, bias)

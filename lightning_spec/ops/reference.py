@@ -132,8 +132,9 @@ def verify_chain(draft_tokens, target_probs, draft_probs=None, *, greedy=False, 
 def quantized_linear(x, packed, scales, zeros=None, *, scheme, group_size=None, bias=None):
     """Reference of lightning_spec.ops.quantized_linear: dequantize_weight, then F.linear in float64."""
     from lightning_spec.ops.qmatmul import check_quantized_linear_args
-    from lightning_spec.quant.numerics import dequantize_weight, quantize_activation
+    from lightning_spec.quant.numerics import dequantize_weight, packed_group_size, quantize_activation
 
+    group_size = packed_group_size(packed, scales, scheme, group_size)
     check_quantized_linear_args(x, packed, scales, zeros, scheme, group_size, bias)
     weight = dequantize_weight(packed, scales, zeros, scheme=scheme, group_size=group_size).double()
     x2 = x.reshape(-1, x.shape[-1]).double()

@@ -29,6 +29,7 @@ from torch import Tensor
 
 SCHEMES = ("int8", "int4", "int4_asym", "w8a8")
 GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 32  # quantize_weight's int4 group when none is given, as QuantizedLinear's and prepare_qat's
 _TINY = 1e-12  # an all-zero channel or group gets this scale: it quantizes to 0 and comes back as 0
 # bits of the largest |code| (int4_asym: |q - z| <= 15); a scale with this many low significand bits clear times any code is exact
 SCALE_SPARE_BITS = {"int8": 7, "w8a8": 7, "int4": 3, "int4_asym": 4}
@@ -159,7 +160,10 @@ def _unpack_nibbles(packed: Tensor) -> Tensor:
 def quantize_weight(w: Tensor, scheme: str, group_size: Optional[int] = None, scales: Optional[Tensor] = None,
                     zeros: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Quantize a [N, K] weight: returns (packed, scales, zeros), zeros None when symmetric (see the layouts above).
-    ``scales``/``zeros`` as in quantize_codes. An inf or NaN in ``w``, or a range wider than float32 holds, is an error."""
+    The int4 schemes take groups of DEFAULT_GROUP_SIZE (32) inputs when ``group_size`` is None. ``scales``/``zeros``
+    as in quantize_codes. An inf or NaN in ``w``, or a range wider than float32 holds, is an error."""
+    if group_size is None and scheme in ("int4", "int4_asym"):
+        group_size = DEFAULT_GROUP_SIZE
     if isinstance(w, Tensor) and not bool(torch.isfinite(w).all()):
         raise ValueError("weight has inf or NaN entries: they have no quantized code")
     q, scales, zeros = quantize_codes(w, scheme, group_size, scales, zeros)
@@ -175,8 +179,21 @@ def _check_zero_points(zeros: Tensor) -> None:
         raise ValueError("int4_asym zeros must be integers in [0, 15]")
 
 
+def packed_group_size(packed: Tensor, scales: Tensor, scheme: str, group_size: Optional[int]) -> Optional[int]:
+    """``group_size``, or for int4 when it is None the group size the shapes tell: K / scales.shape[1]."""
+    if group_size is not None or scheme not in ("int4", "int4_asym") or not all(
+            isinstance(t, Tensor) and t.dim() == 2 for t in (packed, scales)):
+        return group_size
+    K, groups = 2 * packed.shape[1], scales.shape[1]
+    if groups == 0 or K % groups or K // groups not in GROUP_SIZES:
+        raise ValueError(f"{scheme}: scales {list(scales.shape)} do not split packed's K = {K} inputs into groups of "
+                         f"{list(GROUP_SIZES)}; pass group_size")
+    return K // groups
+
+
 def check_packed(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], scheme: str, group_size: Optional[int], in_features: Optional[int] = None) -> int:
-    """Validate a packed weight for ``scheme``; returns in_features (K)."""
+    """Validate a packed weight for ``scheme`` and (already resolved by packed_group_size) ``group_size``; returns
+    in_features (K)."""
     check_scheme(scheme, group_size)
     if packed.dim() != 2:
         raise ValueError(f"packed must be a 2-D tensor, got {list(packed.shape)}")
@@ -211,7 +228,9 @@ def check_packed(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], scheme
 
 
 def dequantize_weight(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], *, scheme: str, group_size: Optional[int] = None) -> Tensor:
-    """The float32 [N, K] weight that packed codes stand for: (q - z) * s."""
+    """The float32 [N, K] weight that packed codes stand for: (q - z) * s. For int4, ``group_size`` None reads it from
+    the shapes (K / scales.shape[1])."""
+    group_size = packed_group_size(packed, scales, scheme, group_size)
     check_packed(packed, scales, zeros, scheme, group_size)
     if zeros is not None:
         _check_zero_points(zeros)
