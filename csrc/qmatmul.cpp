@@ -129,12 +129,21 @@ LS_AVX512 void int8_tile(const Problem& p, int64_t n, int64_t m) {
       for (int r = 0; r < MR; ++r) acc[i][r] = _mm512_fmadd_ps(xv[r], wv, acc[i][r]);
     }
   }
-  for (int i = 0; i < NR; ++i)
-    for (int r = 0; r < MR; ++r) {
-      float tail = 0.f;
-      for (int64_t t = k; t < p.K; ++t) tail += p.x[(m + r) * p.K + t] * float(w[(n + i) * p.K + t]);
-      p.y[(m + r) * p.N + n + i] = (hsum(acc[i][r]) + tail) * p.scales[n + i];
+  const auto tail = [&](int i, int r) {
+    float sum = 0.f;
+    for (int64_t t = k; t < p.K; ++t) sum += p.x[(m + r) * p.K + t] * float(w[(n + i) * p.K + t]);
+    return sum;
+  };
+  for (int r = 0; r < MR; ++r) {
+    float* y = p.y + (m + r) * p.N + n;
+    int i = 0;
+    for (; i + 4 <= NR; i += 4) {  // (hsum + tail) * scale, four channels at a time
+      const __m128 sums = hsum4(acc[i][r], acc[i + 1][r], acc[i + 2][r], acc[i + 3][r]);
+      const __m128 tails = _mm_setr_ps(tail(i, r), tail(i + 1, r), tail(i + 2, r), tail(i + 3, r));
+      _mm_storeu_ps(y + i, _mm_mul_ps(_mm_add_ps(sums, tails), _mm_loadu_ps(p.scales + n + i)));
     }
+    for (; i < NR; ++i) y[i] = (hsum(acc[i][r]) + tail(i, r)) * p.scales[n + i];
+  }
 }
 
 // int4 (symmetric or with zero points), K a multiple of the group size (32, 64 or 128). Each nibble becomes its
