@@ -88,8 +88,8 @@ void generic_rows(const Problem& p, Scheme scheme, int64_t n0, int64_t n1) {
 
 LS_AVX512 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-// [hsum(a), hsum(b), hsum(c), hsum(d)], each added in hsum's order (bit for bit), in about half its instructions:
-// at K = 576 a tile's four separate sums took a third of its time.
+// [hsum(a), hsum(b), hsum(c), hsum(d)], each added in hsum's order (bit for bit), in about half the instructions of
+// four hsums: a tile of 576 inputs spent a third of its time after its last block.
 LS_AVX512 inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   // lanes j and j + 8, in 128-bit blocks [a0+a2, a1+a3, b0+b2, b1+b3] and the same of c, d
   const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
@@ -261,7 +261,8 @@ LS_AVX512 inline XBlock load_block(const FixedPointBlock& b) {
 
 // sum(q * x) - z * sum(x) per lane, in units, for the codes q of 64 packed bytes: l0 + 2^8 l1 + 2^16 l2 from the limbs'
 // sums, as two chains, (l2 << 8 carried into l1) << 8 beside l0 (started at -z * sum(x)), which spares two zeroed
-// accumulators and an add over three separate sums; a third chain would be longer than a short row's tile can hide.
+// accumulators and an add over three separate sums. (One chain through all three limbs saves no more instructions
+// and is longer than a tile of 576 inputs can hide.)
 // int32 arithmetic wraps, so only the result needs to fit (|.| < 2^29).
 template <bool kAsym>
 LS_AVX512_VNNI inline __m512 block_dot(__m512i packed, __m512i zero, const XBlock& x) {

@@ -569,7 +569,8 @@ def test_int4_group_size_defaults_to_32_and_packed_weights_tell_theirs(scheme):
 
 
 def test_compiled_kernel_checks_too():
-    """The wrapper adds no checks of its own: the op's are ValueErrors naming the argument."""
+    """The wrapper adds no checks of its own (it only reads an int4 group size from the shapes when not given one):
+    the op's are ValueErrors naming the argument."""
     w, x = torch.randn(16, 128), torch.randn(2, 128)
     packed, scales, _ = quantize_weight(w, "int8")
     with pytest.raises(ValueError, match="int4 packed weights must be uint8"):
