@@ -4,8 +4,9 @@ Baselines: fp32 `F.linear` (the ratio the goals are set on), bf16 `F.linear`, `t
 `torch._weight_int4pack_mm_for_cpu` (group 32). Effective GB/s counts the packed weight bytes read once per call,
 beside a measured copy bandwidth (a 256 MiB tensor copy: bytes read + written). Median of many runs (on the CPU, the
 median of 5 rounds in which the calls take turns), ratios in one
-run, on however many threads torch uses (2 on the build machine). On the CPU also w8a8 against fp32, and a small
-call's cost through quantized_linear against torch.ops. With --device cuda: kernel times from CUDA graph
+run, on however many threads torch uses (2 on the build machine). On the CPU also w8a8 against fp32, a small
+call's cost through quantized_linear against torch.ops, and M = 1 at 1536x576 with the weight hot in L2 and read
+from L3 (the main table's calls take turns, so there each weight is partly evicted). With --device cuda: kernel times from CUDA graph
 replays (no Python or launch overhead), each call on its own copy of the operands, the copies together four times
 the L2 cache, so the weights stream from device memory as in a model's forward.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
 import statistics
 import time
@@ -159,6 +161,7 @@ def main():
     print("goals at M=1: int8 >= 2.5x and int4 >= 4x fp32; both >= 5x torch's int8/int4 ops; at M=8: not slower than bf16")
     if dev == "cpu":
         w8a8_and_call_overhead(args.m, args.repeats)
+        small_layer_hot_and_from_l3(args.repeats)
     if dev == "cpu" and args.draft and Path(args.draft).is_dir():
         end_to_end(args.draft, args.repeats, args.compile)
 
@@ -183,6 +186,33 @@ def w8a8_and_call_overhead(rows, repeats: int):
     }, 20 * repeats)
     print(f"a 16x64 int8 call: quantized_linear {t['binding']:.2f} us, torch.ops {t['torch.ops']:.2f} us "
           f"({t['torch.ops'] / t['binding']:.2f}x)")
+
+
+def small_layer_hot_and_from_l3(repeats: int):
+    """M = 1 at the smallest shape, whose fp32 weight (3.5 MB) fits two cores' L2 caches: each kernel on one weight
+    (hot after its first call) and on copies that take turns, 19 of them (64 MB in fp32), so that each call reads its
+    weight from L3 or memory, as the layers of a model's forward do."""
+    N, K = SHAPES[0]
+    x = torch.randn(1, K)
+    kernels = {
+        "fp32": (lambda w: w, lambda w: F.linear(x, w)),
+        "int8": (lambda w: quantize_weight(w, "int8"), lambda q: quantized_linear(x, *q, scheme="int8")),
+        "int4": (lambda w: quantize_weight(w, "int4", 32), lambda q: quantized_linear(x, *q, scheme="int4", group_size=32)),
+    }
+    weights = [torch.randn(N, K) * 0.02 for _ in range(64 * 2**20 // (4 * N * K) + 1)]
+    calls = {}
+    for name, (prepare, run) in kernels.items():
+        operands = [prepare(w) for w in weights]
+        turns = itertools.cycle(operands)
+        calls[(name, "hot")] = lambda run=run, one=operands[0]: run(one)
+        calls[(name, "from L3")] = lambda run=run, turns=turns: run(next(turns))
+    t = interleaved_us(calls, repeats)
+    print(f"\nM = 1 at {N}x{K}: one weight (hot) against {len(weights)} copies taking turns (from L3), median of {repeats}, "
+          "median of 5 interleaved rounds")
+    print(f"{'weight':<10}{'fp32 us':>9}{'int8 us':>9}{'int4 us':>9}{'int8/fp32':>11}{'int4/fp32':>11}")
+    for where in ("hot", "from L3"):
+        fp32, int8, int4 = (t[(name, where)] for name in kernels)
+        print(f"{where:<10}{fp32:>9.1f}{int8:>9.1f}{int4:>9.1f}{fp32 / int8:>10.2f}x{fp32 / int4:>10.2f}x")
 
 
 def end_to_end(draft_dir: str, repeats: int, compiled: bool, new_tokens: int = 48):
