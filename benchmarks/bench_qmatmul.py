@@ -6,7 +6,7 @@ beside a measured copy bandwidth (a 256 MiB tensor copy: bytes read + written). 
 median of 5 rounds in which the calls take turns), ratios in one
 run, on however many threads torch uses (2 on the build machine). On the CPU also w8a8 against fp32, a small
 call's cost through quantized_linear against torch.ops, and M = 1 at 1536x576 with the weight hot in L2 and read
-from L3 (the main table's calls take turns, so there each weight is partly evicted). With --device cuda: kernel times from CUDA graph
+from L3 or memory (the main table's calls take turns, so there each weight is partly evicted). With --device cuda: kernel times from CUDA graph
 replays (no Python or launch overhead), each call on its own copy of the operands, the copies together four times
 the L2 cache, so the weights stream from device memory as in a model's forward.
 
@@ -161,7 +161,7 @@ def main():
     print("goals at M=1: int8 >= 2.5x and int4 >= 4x fp32; both >= 5x torch's int8/int4 ops; at M=8: not slower than bf16")
     if dev == "cpu":
         w8a8_and_call_overhead(args.m, args.repeats)
-        small_layer_hot_and_from_l3(args.repeats)
+        small_layer_hot_and_cold(args.repeats)
     if dev == "cpu" and args.draft and Path(args.draft).is_dir():
         end_to_end(args.draft, args.repeats, args.compile)
 
@@ -188,7 +188,7 @@ def w8a8_and_call_overhead(rows, repeats: int):
           f"({t['torch.ops'] / t['binding']:.2f}x)")
 
 
-def small_layer_hot_and_from_l3(repeats: int):
+def small_layer_hot_and_cold(repeats: int):
     """M = 1 at the smallest shape, whose fp32 weight (3.5 MB) fits two cores' L2 caches: each kernel on one weight
     (hot after its first call) and on copies that take turns, 19 of them (64 MB in fp32), so that each call reads its
     weight from L3 or memory, as the layers of a model's forward do."""
@@ -205,12 +205,12 @@ def small_layer_hot_and_from_l3(repeats: int):
         operands = [prepare(w) for w in weights]
         turns = itertools.cycle(operands)
         calls[(name, "hot")] = lambda run=run, one=operands[0]: run(one)
-        calls[(name, "from L3")] = lambda run=run, turns=turns: run(next(turns))
+        calls[(name, "cold")] = lambda run=run, turns=turns: run(next(turns))
     t = interleaved_us(calls, repeats)
-    print(f"\nM = 1 at {N}x{K}: one weight (hot) against {len(weights)} copies taking turns (from L3), median of {repeats}, "
+    print(f"\nM = 1 at {N}x{K}: one weight (hot) against {len(weights)} copies taking turns (cold: out of L2), median of {repeats}, "
           "median of 5 interleaved rounds")
     print(f"{'weight':<10}{'fp32 us':>9}{'int8 us':>9}{'int4 us':>9}{'int8/fp32':>11}{'int4/fp32':>11}")
-    for where in ("hot", "from L3"):
+    for where in ("hot", "cold"):
         fp32, int8, int4 = (t[(name, where)] for name in kernels)
         print(f"{where:<10}{fp32:>9.1f}{int8:>9.1f}{int4:>9.1f}{fp32 / int8:>10.2f}x{fp32 / int4:>10.2f}x")
 
