@@ -6,9 +6,9 @@ beside a measured copy bandwidth (a 256 MiB tensor copy: bytes read + written). 
 median of 5 rounds in which the calls take turns), ratios in one
 run, on however many threads torch uses (2 on the build machine). On the CPU also w8a8 against fp32, a small
 call's cost through quantized_linear against torch.ops, and M = 1 at 1536x576 with the weight hot in L2 and read
-from L3 or memory (the main table's calls take turns, so there each weight is partly evicted). With --device cuda: kernel times from CUDA graph
-replays (no Python or launch overhead), each call on its own copy of the operands, the copies together four times
-the L2 cache, so the weights stream from device memory as in a model's forward.
+from L3 or memory (the main table's calls take turns, so there each weight is partly evicted). With --device cuda:
+kernel times from CUDA graph replays (no Python or launch overhead), each call on its own copy of the operands, the
+copies together four times the L2 cache, so the weights stream from device memory as in a model's forward.
 
     python benchmarks/bench_qmatmul.py [--repeats 50] [--m 1 8] [--draft artifacts/smollm2_draft] [--device cuda]
 
