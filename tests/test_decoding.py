@@ -249,7 +249,6 @@ def test_kept_logits_read_contiguous_hidden_states(pair):
     torch.testing.assert_close(last[:, 0], every[:, -1])
 
 
-
 def test_a_compiled_draft_compiles_once(pair):
     """torch.compile over a model in the engine: once a call has compiled its shapes (the prompt, the first step, one
     or two new tokens), the next one compiles nothing, rather than once per forward on a guard on that forward's mask."""
@@ -268,6 +267,7 @@ def test_a_compiled_draft_compiles_once(pair):
         assert torch.equal(speculative_generate(target, draft, ids, 24, eos_token_id=[], gamma=2).tokens, expected)
     assert counters["stats"]["unique_graphs"] == compiled <= 6
     torch._dynamo.reset()
+
 
 # ---------------------------------------------------------------- lossless sampling
 
